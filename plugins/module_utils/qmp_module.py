@@ -1,0 +1,210 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to the qemu.qmp collection
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The helper every qemu.qmp module is built on.
+
+It owns the AnsibleModule with the shared connection options, opens the QMP
+client only inside `with qm.connected():`, runs reads at once and changes
+only outside check mode (validating them against the running QEMU's schema
+in check mode), records every command for `qmp_commands`, and turns each
+client error into one plain `fail_json`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import (
+    QMPClient,
+    QMPCommandError,
+    QMPConnectError,
+    QMPError,
+)
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_schema import (
+    SchemaValidationUnavailable,
+    load_schema,
+)
+
+SOCKET_ENV = "QMP_SOCKET"
+
+# Commands that only read state: they run in check mode and never count as a change.
+_READ_ONLY_PREFIXES = ("query-", "x-query-", "x-debug-query-")
+
+
+def is_query(command):
+    return command.startswith(_READ_ONLY_PREFIXES)
+
+
+def connection_argument_spec():
+    """The connection options, documented once in the qemu.qmp.connection doc fragment."""
+    return dict(
+        socket=dict(type="path"),
+        host=dict(type="str"),
+        port=dict(type="int"),
+        timeout=dict(type="float", default=30.0),
+    )
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class QMPModule:
+    """An AnsibleModule plus one QMP connection and the record of what was sent."""
+
+    def __init__(self, argument_spec, supports_check_mode=True, mutually_exclusive=None,
+                 required_by=None, **kwargs):
+        spec = connection_argument_spec()
+        spec.update(argument_spec)
+        required_by = dict(required_by or {})
+        required_by.setdefault("host", ["port"])
+        self.module = AnsibleModule(
+            argument_spec=spec,
+            supports_check_mode=supports_check_mode,
+            mutually_exclusive=[("socket", "host")] + list(mutually_exclusive or []),
+            required_by=required_by,
+            **kwargs
+        )
+        self.params = self.module.params
+        self.check_mode = self.module.check_mode
+        self.timeout = self.params["timeout"]
+        self.client = None
+        self.commands = []
+        self.changed = False
+        self._schema = None
+        self._validation_warned = False
+
+    # -- connection -------------------------------------------------------
+
+    def _client(self):
+        params = self.params
+        if params["host"]:
+            if not _is_loopback(params["host"]):
+                self.module.warn(
+                    "QMP over TCP to %s is plain text with no authentication: anyone who can reach "
+                    "that port controls the VM. Prefer a unix socket, or an SSH tunnel." % params["host"])
+            return QMPClient(host=params["host"], port=params["port"], timeout=self.timeout)
+        path = params["socket"] or os.environ.get(SOCKET_ENV)
+        if not path:
+            self.fail("no QMP connection given: set socket (or the %s environment variable), "
+                      "or host and port" % SOCKET_ENV)
+        return QMPClient(socket_path=path, timeout=self.timeout)
+
+    def connected(self, absent_ok=False):
+        """Context manager holding the connection open.
+
+        With absent_ok, a socket that does not exist or refuses connections
+        (QEMU is not running there) leaves `self.client` None instead of failing.
+        """
+        return _Connection(self, absent_ok)
+
+    @property
+    def version(self):
+        return self.client.version
+
+    @property
+    def schema(self):
+        if self._schema is None:
+            self._schema, dummy = load_schema(self.query, self.client.version)
+        return self._schema
+
+    # -- commands ---------------------------------------------------------
+
+    def _record(self, command, arguments):
+        entry = {"execute": command}
+        if arguments:
+            entry["arguments"] = arguments
+        self.commands.append(entry)
+
+    def query(self, command, arguments=None, timeout=None):
+        """Run a command that only reads state, in check mode too."""
+        self._record(command, arguments)
+        return self.client.execute(command, arguments, timeout=timeout)
+
+    def change(self, command, arguments=None, timeout=None):
+        """Run a command that changes QEMU; in check mode only validate and record it."""
+        self.changed = True
+        if self.check_mode:
+            self.validate(command, arguments)
+            self._record(command, arguments)
+            return None
+        self._record(command, arguments)
+        return self.client.execute(command, arguments, timeout=timeout)
+
+    def validate(self, command, arguments):
+        """Fail the way QEMU would if the arguments do not fit its schema."""
+        try:
+            errors = self.schema.validate(command, arguments)
+        except SchemaValidationUnavailable as exc:
+            if not self._validation_warned:
+                self._validation_warned = True
+                self.module.warn("check mode could not validate the planned commands against "
+                                 "QEMU's schema: %s" % exc)
+            return
+        if errors:
+            self.fail("QEMU would refuse %s: %s" % (command, "; ".join(errors)),
+                      validation_errors=errors)
+
+    def wait_for_event(self, names, match=None, timeout=None):
+        return self.client.wait_for_event(names, match=match,
+                                          timeout=self.timeout if timeout is None else timeout)
+
+    # -- results ----------------------------------------------------------
+
+    def exit(self, changed=None, before=None, after=None, **result):
+        result["changed"] = self.changed if changed is None else changed
+        result["qmp_commands"] = self.commands
+        if self.module._diff and (before is not None or after is not None):
+            result["diff"] = {"before": before if before is not None else {},
+                              "after": after if after is not None else {}}
+        self.module.exit_json(**result)
+
+    def fail(self, msg, **result):
+        result["qmp_commands"] = self.commands
+        self.module.fail_json(msg=msg, **result)
+
+    def fail_from(self, exc):
+        """The single place where client errors become a failed result."""
+        result = {}
+        if isinstance(exc, QMPCommandError):
+            result["qmp_error"] = {"class": exc.error_class, "desc": exc.desc}
+        if isinstance(exc, QMPConnectError):
+            result["qmp_address"] = exc.address
+        self.fail(str(exc), **result)
+
+
+class _Connection:
+    def __init__(self, qm, absent_ok):
+        self.qm = qm
+        self.absent_ok = absent_ok
+
+    def __enter__(self):
+        qm = self.qm
+        client = qm._client()
+        try:
+            client.connect()
+        except QMPConnectError as exc:
+            if self.absent_ok and exc.reason in ("missing", "refused"):
+                qm.client = None
+                return qm
+            qm.fail_from(exc)
+        except QMPError as exc:
+            qm.fail_from(exc)
+        qm.client = client
+        return qm
+
+    def __exit__(self, exc_type, exc, tb):
+        client, self.qm.client = self.qm.client, None
+        if client is not None:
+            client.close()
+        if isinstance(exc, QMPError):
+            self.qm.fail_from(exc)
+        return False

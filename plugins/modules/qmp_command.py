@@ -1,0 +1,113 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to the qemu.qmp collection
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qmp_command
+short_description: Run any QMP command
+version_added: 0.1.0
+description:
+  - The escape hatch for what no other module of the collection covers. Sends one QMP
+    command with its arguments and returns QEMU's answer.
+  - It cannot know what a command does, so it reports RV(ignore:changed=true) for every
+    command except queries (names starting with C(query-), C(x-query-) or C(x-debug-query-)).
+    Use C(changed_when) to say better.
+  - In check mode only queries are sent. Any other command is checked against the running
+    QEMU's QMP schema (when C(jsonschema) is installed on the managed host) and reported
+    as it would be sent, but not sent.
+extends_documentation_fragment:
+  - qemu.qmp.connection
+  - qemu.qmp.attributes
+options:
+  command:
+    description:
+      - The QMP command name, for example V(query-block) or V(human-monitor-command).
+    type: str
+    required: true
+  arguments:
+    description:
+      - The command's arguments, exactly as QEMU takes them.
+    type: dict
+    default: {}
+attributes:
+  check_mode:
+    description: Queries run; other commands are validated against QEMU's schema and not sent.
+    support: partial
+    details: Commands other than queries are reported as changes without being sent.
+  diff_mode:
+    description: A raw command has no before and after to show.
+    support: none
+author:
+  - qemu.qmp maintainers (@qemu-qmp)
+"""
+
+EXAMPLES = r"""
+- name: List the block devices as QEMU reports them
+  qemu.qmp.qmp_command:
+    socket: /run/qemu/vm1.qmp
+    command: query-block
+  register: blocks
+
+- name: Write a test pattern into a virtio-blk disk through HMP (no guest OS needed)
+  qemu.qmp.qmp_command:
+    socket: /run/qemu/vm1.qmp
+    command: human-monitor-command
+    arguments:
+      command-line: 'qemu-io -d disk0/virtio-backend "write -P 0xab 0 1M"'
+  register: hmp
+  failed_when: hmp.result is search('Error')
+"""
+
+RETURN = r"""
+qmp_commands:
+  description:
+    - The QMP commands the module sent, in order, as they went on the wire (without the C(id)).
+      In check mode, the commands that would change QEMU are listed but not sent.
+  returned: always
+  type: list
+  elements: dict
+  sample: [{"execute": "query-status"}, {"execute": "stop"}]
+qmp_error:
+  description: QEMU's own error when QEMU refused a command, with its C(class) and C(desc).
+  returned: when QEMU refused a command
+  type: dict
+  sample: {"class": "GenericError", "desc": "Dirty bitmap 'bm0' not found"}
+result:
+  description: What QEMU returned for the command (its C(return) value). Null in check mode for commands that were not sent.
+  returned: success
+  type: raw
+  sample: {"status": "running", "running": true}
+events:
+  description: QMP events QEMU sent while the command ran.
+  returned: success
+  type: list
+  elements: dict
+  sample: [{"event": "STOP", "timestamp": {"seconds": 1700000000, "microseconds": 1}}]
+"""
+
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule, is_query
+
+
+def main():
+    qm = QMPModule(
+        argument_spec=dict(
+            command=dict(type="str", required=True),
+            arguments=dict(type="dict", default={}),
+        ),
+    )
+    command = qm.params["command"]
+    arguments = qm.params["arguments"] or None
+    with qm.connected():
+        if is_query(command):
+            result = qm.query(command, arguments)
+        else:
+            result = qm.change(command, arguments)
+        events = list(qm.client.events)
+    qm.exit(result=result, events=events)
+
+
+if __name__ == "__main__":
+    main()

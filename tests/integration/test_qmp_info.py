@@ -1,0 +1,81 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to the qemu.qmp collection
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""qmp_info against a real QEMU: what it reports is what QEMU holds."""
+
+from __future__ import annotations
+
+import os
+
+from harness import changed_flags, make_image, schema_of
+
+
+def test_reports_what_qemu_holds(vm_factory, workdir, ansible):
+    image = make_image(os.path.join(workdir, "disk.qcow2"))
+    vm = vm_factory(args=[
+        "-blockdev", "driver=file,filename=%s,node-name=disk0-file" % image,
+        "-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0",
+        "-chardev", "ringbuf,id=ring0",
+    ])
+    vm.qmp("block-dirty-bitmap-add", {"node": "disk0", "name": "bm0", "granularity": 65536})
+    vm.qmp("block-dirty-bitmap-add", {"node": "disk0", "name": "bm1", "disabled": True})
+
+    records = ansible.four_ways("qmp_info", {"socket": vm.socket}, vm=vm)
+    assert changed_flags(records) == [False, False, False, False]
+    info = records[1]["result"]
+
+    version = vm.qmp("query-version")
+    assert info["version"] == {"major": version["qemu"]["major"], "minor": version["qemu"]["minor"],
+                               "micro": version["qemu"]["micro"], "package": version["package"].strip()}
+    assert info["status"] == "prelaunch" and info["running"] is False
+    assert sorted(n["node-name"] for n in info["block_nodes"]) == ["disk0", "disk0-file"]
+    bitmaps = sorted(info["bitmaps"], key=lambda b: b["name"])
+    assert bitmaps == [
+        {"name": "bm0", "node": "disk0", "count": 0, "granularity": 65536, "recording": True,
+         "busy": False, "persistent": False, "inconsistent": False},
+        {"name": "bm1", "node": "disk0", "count": 0, "granularity": 65536, "recording": False,
+         "busy": False, "persistent": False, "inconsistent": False},
+    ]
+    assert info["jobs"] == []
+    assert info["migration"]["status"] == "none"
+    assert info["migration"]["capabilities"]["events"] is False
+    assert "ring0" in [c["label"] for c in info["chardevs"]]
+
+    schema = schema_of(vm)
+    features = info["features"]
+    assert features["backup_bitmap_mode"] is schema.has_argument("blockdev-backup", "bitmap-mode") is True
+    assert features["migrate_channels"] is schema.has_argument("migrate", "channels")
+    assert "dirty-bitmaps" in features["migration_capabilities"]
+    # Nothing in QEMU changed.
+    assert len(vm.qmp("query-named-block-nodes")) == 2
+
+
+def test_gather_subset_and_schema_cache(vm, ansible):
+    first = ansible.run("qmp_info", {"socket": vm.socket, "gather": ["features"]}, vm=vm)
+    assert [c["execute"] for c in first["qmp_commands"]] == ["query-qmp-schema"]
+    assert set(first) >= {"features"} and "status" not in first and "version" not in first
+    # The second run of the same QEMU binary reads the schema from the disk cache.
+    second = ansible.run("qmp_info", {"socket": vm.socket, "gather": ["features", "status"]}, vm=vm)
+    assert [c["execute"] for c in second["qmp_commands"]] == ["query-status"]
+    assert second["features"] == first["features"]
+    assert os.listdir(ansible.schema_cache)
+
+
+def test_socket_from_environment_and_module_defaults(vm, ansible):
+    result = ansible.run("qmp_info", {"gather": ["status"]}, vm=vm, env={"QMP_SOCKET": vm.socket})
+    assert result["status"] == "prelaunch"
+    play = """
+- hosts: localhost
+  gather_facts: false
+  module_defaults:
+    group/qemu.qmp.qmp:
+      socket: %s
+  tasks:
+    - qemu.qmp.qmp_info: {gather: [status]}
+    - qemu.qmp.qmp_vm: {state: running}
+    - qemu.qmp.qmp_command: {command: query-status}
+""" % vm.socket
+    records, proc = ansible.playbook(play, vm=vm)
+    assert [r["status"] for r in records] == ["ok", "ok", "ok"], proc.stdout
+    assert records[2]["result"]["result"]["status"] == "running"
+    assert vm.status() == "running"
