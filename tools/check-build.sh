@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Build the collection tarball, install it into an empty folder, and check that
+# ansible-doc renders every module and that a module runs from the install.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+work=$(mktemp -d "${TMPDIR:-/tmp}/qemu.qmp-build.XXXXXX")
+trap 'kill "$(cat "$work/qemu.pid" 2>/dev/null)" 2>/dev/null || true; rm -rf "$work"' EXIT
+
+ansible-galaxy collection build --force --output-path "$work/dist" "$top" >/dev/null
+tarball=$(ls "$work"/dist/qemu-qmp-*.tar.gz)
+echo "check-build: built $(basename "$tarball") ($(du -k "$tarball" | cut -f1) KiB)"
+if tar -tzf "$tarball" | grep -E '(^|/)(\.cache|\.venv|build|\.ci)/' ; then
+    echo "check-build: the tarball holds development files" >&2; exit 1
+fi
+export ANSIBLE_COLLECTIONS_PATH="$work/installed"
+ansible-galaxy collection install --force -p "$work/installed" "$tarball" >/dev/null
+
+modules=$(find "$top/plugins/modules" -name '*.py' -printf '%f\n' | sed 's/\.py$//' | sort)
+for module in $modules; do
+    ansible-doc "qemu.qmp.$module" > "$work/doc.txt"
+    grep -q "EXAMPLES" "$work/doc.txt" || { echo "check-build: ansible-doc qemu.qmp.$module has no examples" >&2; exit 1; }
+done
+echo "check-build: ansible-doc renders $(echo "$modules" | wc -w) modules from the installed collection"
+
+qemu-system-x86_64 -machine q35 -accel tcg -display none -nodefaults -S \
+    -qmp "unix:$work/qmp.sock,server=on,wait=off" -pidfile "$work/qemu.pid" -daemonize
+out=$(ansible localhost -m qemu.qmp.qmp_info -a "socket=$work/qmp.sock gather=version,status")
+echo "$out" | grep -q '"status": "prelaunch"' || { echo "$out" >&2; exit 1; }
+echo "check-build: qemu.qmp.qmp_info runs from the installed collection"
