@@ -183,10 +183,13 @@ class AnsibleRunner:
         with open(path, encoding="utf-8") as handle:
             return [json.loads(line) for line in handle if line.strip()]
 
-    def run(self, module, args, check=False, diff=False, vm=None, validate=True, env=None, timeout=300):
+    def run(self, module, args, check=False, diff=False, vm=None, validate=True, env=None, timeout=300,
+            interpreter=None):
         """One module through `ansible localhost -m`; returns its result dict."""
         results = self._results_file()
         cmd = ["ansible", "localhost", "-m", "qemu.qmp." + module, "-a", json.dumps(args)]
+        if interpreter:
+            cmd += ["-e", json.dumps({"ansible_python_interpreter": interpreter})]
         if check:
             cmd.append("--check")
         if diff:

@@ -62,3 +62,24 @@ def test_unknown_command(vm, ansible):
 
 def _bitmaps(vm):
     return [b["name"] for n in vm.qmp("query-named-block-nodes") for b in n.get("dirty-bitmaps", [])]
+
+
+def test_check_mode_without_jsonschema_on_the_managed_host(vm, workdir, ansible):
+    """The modules need only the standard library; check mode says when it cannot validate."""
+    import os  # pylint: disable=import-outside-toplevel
+    import subprocess  # pylint: disable=import-outside-toplevel
+    import sys  # pylint: disable=import-outside-toplevel
+    bare = os.path.join(workdir, "bare-python")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", bare], check=True)
+    python = os.path.join(bare, "bin", "python")
+    probe = subprocess.run([python, "-c", "import jsonschema"], capture_output=True, check=False)
+    assert probe.returncode != 0, "the bare interpreter must not have jsonschema"
+
+    args = {"socket": vm.socket, "command": "stop"}
+    result = ansible.run("qmp_command", args, check=True, vm=vm, interpreter=python)
+    assert result["changed"] is True
+    assert any("could not validate" in w and "jsonschema" in w for w in result["warnings"])
+    assert vm.status() == "prelaunch"
+    result = ansible.run("qmp_info", {"socket": vm.socket}, vm=vm, interpreter=python)
+    assert result["status"] == "prelaunch" and result["features"]["query_jobs"] is True
+    assert not result.get("warnings")

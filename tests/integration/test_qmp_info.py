@@ -79,3 +79,26 @@ def test_socket_from_environment_and_module_defaults(vm, ansible):
     assert [r["status"] for r in records] == ["ok", "ok", "ok"], proc.stdout
     assert records[2]["result"]["result"]["status"] == "running"
     assert vm.status() == "running"
+
+
+def test_jobs_are_normalised(vm, workdir, ansible):
+    vm.qmp("blockdev-add", {"driver": "null-co", "node-name": "src", "size": 1 << 30})
+    vm.qmp("blockdev-add", {"driver": "null-co", "node-name": "dst", "size": 1 << 30})
+    # A slow backup stays running; a blockdev-create job concludes and waits to be dismissed.
+    vm.qmp("blockdev-backup", {"job-id": "slow", "device": "src", "target": "dst", "sync": "full",
+                               "speed": 1, "auto-dismiss": False})
+    vm.qmp("blockdev-create", {"job-id": "mkfile", "options": {
+        "driver": "file", "filename": os.path.join(workdir, "new.img"), "size": 1 << 20}})
+    with vm.client() as client:
+        client.wait_for_event("JOB_STATUS_CHANGE", {"id": "mkfile", "status": "concluded"}, timeout=20)
+
+    jobs = dict((j["id"], j) for j in ansible.run("qmp_info", {"socket": vm.socket, "gather": ["jobs"]},
+                                                  vm=vm)["jobs"])
+    assert set(jobs) == {"slow", "mkfile"}
+    assert jobs["mkfile"]["type"] == "create" and jobs["mkfile"]["status"] == "concluded"
+    assert jobs["mkfile"]["error"] is None and jobs["mkfile"]["block_job"] is False
+    assert jobs["slow"]["type"] == "backup" and jobs["slow"]["block_job"] is True
+    assert jobs["slow"]["status"] in ("running", "created") and jobs["slow"]["total"] == 1 << 30
+    assert jobs["slow"]["auto_dismiss"] is False
+    # QEMU's own view agrees.
+    assert sorted(j["id"] for j in vm.qmp("query-jobs")) == ["mkfile", "slow"]
