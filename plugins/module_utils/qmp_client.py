@@ -194,6 +194,9 @@ class QMPClient:
     def _read_greeting(self, deadline):
         try:
             message = self._read_message(deadline)
+            while "event" in message and "QMP" not in message:
+                # QEMU can still hold output queued for the previous client.
+                message = self._read_message(deadline)
         except QMPTimeoutError:
             if self._buffer:
                 raise QMPGreetingError("%s is not a QMP socket: it sent %r and no QMP greeting"

@@ -118,16 +118,30 @@ class QMPModule:
 
     # -- commands ---------------------------------------------------------
 
-    def _record(self, command, arguments):
+    def _record(self, command, arguments, repeatable=False):
         entry = {"execute": command}
         if arguments:
             entry["arguments"] = arguments
+        last = self.commands[-1] if self.commands else None
+        if repeatable and last is not None and dict((k, v) for k, v in last.items() if k != "repeated") == entry:
+            # A wait polls the same query many times: list it once, with a count.
+            last["repeated"] = last.get("repeated", 1) + 1
+            return
         self.commands.append(entry)
 
     def query(self, command, arguments=None, timeout=None):
         """Run a command that only reads state, in check mode too."""
-        self._record(command, arguments)
+        self._record(command, arguments, repeatable=True)
         return self.client.execute(command, arguments, timeout=timeout)
+
+    def transient(self, command, arguments=None):
+        """Run a command whose effect the module undoes before it returns, in check mode too.
+
+        For scratch state a module needs to measure something QEMU cannot be
+        asked directly (a temporary bitmap, a read-only probe node).
+        """
+        self._record(command, arguments)
+        return self.client.execute(command, arguments)
 
     def change(self, command, arguments=None, timeout=None):
         """Run a command that changes QEMU; in check mode only validate and record it."""

@@ -44,19 +44,25 @@ def normalise_bitmap(node, info):
 
 
 def read_bitmaps(query, schema, nodes=None):
-    """Every dirty bitmap of every named node, normalised (see normalise_bitmap)."""
+    """Every named dirty bitmap of every named node, normalised (see normalise_bitmap).
+
+    Jobs keep unnamed bitmaps of their own (a backup's copy-before-write
+    filter, for one); those are QEMU's internals and are left out.
+    """
     bitmaps = []
     if schema.returns_member("query-named-block-nodes", "dirty-bitmaps"):
         for node in nodes if nodes is not None else read_block_nodes(query, schema):
             for info in node.get("dirty-bitmaps", []):
-                bitmaps.append(normalise_bitmap(node.get("node-name"), info))
+                if info.get("name"):
+                    bitmaps.append(normalise_bitmap(node.get("node-name"), info))
         return bitmaps
     # Older QEMUs list bitmaps per device in query-block.
     for device in query("query-block"):
         inserted = device.get("inserted") or {}
         node = inserted.get("node-name") or device.get("device")
         for info in inserted.get("dirty-bitmaps", device.get("dirty-bitmaps", [])):
-            bitmaps.append(normalise_bitmap(node, info))
+            if info.get("name"):
+                bitmaps.append(normalise_bitmap(node, info))
     return bitmaps
 
 

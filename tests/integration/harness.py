@@ -111,6 +111,34 @@ class VM:
     def status(self):
         return self.qmp("query-status")["status"]
 
+    def hmp(self, command_line):
+        return self.qmp("human-monitor-command", {"command-line": command_line})
+
+    def guest_write(self, device, offset, length, pattern=0xab):
+        """Write through the virtio-blk device with qdev id `device`, as a guest would."""
+        out = self.hmp('qemu-io -d %s/virtio-backend "write -P 0x%02x %d %d"' % (device, pattern, offset, length))
+        assert "error" not in out.lower(), out
+        out = self.hmp('qemu-io -d %s/virtio-backend "flush"' % device)
+        assert "error" not in out.lower(), out
+
+    def bitmaps(self):
+        """{(node, name): BlockDirtyInfo} as QEMU reports them, named bitmaps only."""
+        return dict(((n["node-name"], b["name"]), b) for n in self.qmp("query-named-block-nodes")
+                    for b in n.get("dirty-bitmaps", []) if b.get("name"))
+
+    def nodes(self):
+        return dict((n["node-name"], n) for n in self.qmp("query-named-block-nodes"))
+
+    def jobs(self):
+        return dict((j["id"], j) for j in self.qmp("query-jobs"))
+
+    def wait_job(self, job_id, status, timeout=30):
+        deadline = time.monotonic() + timeout
+        while self.jobs().get(job_id, {}).get("status") != status:
+            if time.monotonic() > deadline:
+                raise RuntimeError("job %s did not reach %s: %s" % (job_id, status, self.jobs()))
+            time.sleep(0.05)
+
     def alive(self):
         return self.process is not None and self.process.poll() is None
 
@@ -263,6 +291,13 @@ def assert_commands_valid(vm, result):
     for command in result.get("qmp_commands", []):
         errors = schema.validate(command["execute"], command.get("arguments"))
         assert not errors, "module sent a command QEMU's schema rejects: %s" % errors
+
+
+def disk_args(image, node="disk0", device="vdisk0", fmt="qcow2"):
+    """QEMU arguments for an image opened as node `node` behind virtio-blk device `device`."""
+    return ["-blockdev", "driver=file,filename=%s,node-name=%s-file" % (image, node),
+            "-blockdev", "driver=%s,file=%s-file,node-name=%s" % (fmt, node, node),
+            "-device", "virtio-blk-pci,drive=%s,id=%s" % (node, device)]
 
 
 def make_image(path, size="64M", fmt="qcow2", *extra):

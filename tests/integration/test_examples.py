@@ -1,7 +1,12 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to the qemu.qmp collection
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Every module's EXAMPLES run as written, against a real QEMU (only the socket path differs)."""
+"""Every module's EXAMPLES run as written, against a real QEMU.
+
+Only two paths differ: the QMP socket, and /var/lib/backup (a folder of the test).
+A few modules' examples act on something the VM must have first (a running job);
+the test adds that in front of them, as SETUP.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,21 @@ import os
 
 import yaml
 
-from harness import ROOT, make_image
+from harness import ROOT, disk_args, make_image
 
 EXAMPLE_SOCKET = "/run/qemu/vm1.qmp"
-# Modules whose examples end the VM run last.
-ORDER = ["qmp_info", "qmp_command", "qmp_vm"]
+EXAMPLE_BACKUP_DIR = "/var/lib/backup"
+# Block modules before the job that uses them; the VM's own end comes last.
+ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_vm"]
+SETUP = {
+    "qmp_job": [
+        {"name": "setup: a target and a backup job for the example to wait on",
+         "qemu.qmp.qmp_command": {"socket": EXAMPLE_SOCKET, "command": "blockdev-add",
+                                  "arguments": {"driver": "null-co", "node-name": "sink", "size": 67108864}}},
+        {"qemu.qmp.qmp_command": {"socket": EXAMPLE_SOCKET, "command": "blockdev-backup", "arguments": {
+            "job-id": "backup-disk0", "device": "disk0", "target": "sink", "sync": "full", "auto-dismiss": False}}},
+    ],
+}
 
 
 def examples(module):
@@ -34,17 +49,17 @@ def modules():
 
 def test_examples_run_as_written(vm_factory, workdir, ansible):
     disk = make_image(os.path.join(workdir, "disk0.qcow2"))
-    vm = vm_factory(guest=True, paused=False, args=[
-        "-blockdev", "driver=file,filename=%s,node-name=disk0-file" % disk,
-        "-blockdev", "driver=qcow2,file=disk0-file,node-name=disk0-node",
-        "-device", "virtio-blk-pci,drive=disk0-node,id=disk0",
-    ])
+    backup_dir = os.path.join(workdir, "backup")
+    os.mkdir(backup_dir)
+    vm = vm_factory(guest=True, paused=False, args=disk_args(disk, node="disk0", device="disk0"))
     vm.wait_serial("guest: ready")
     plays = []
     for module in modules():
         text = examples(module)
         assert EXAMPLE_SOCKET in text, "%s's examples should use %s" % (module, EXAMPLE_SOCKET)
-        tasks = yaml.safe_load(text.replace(EXAMPLE_SOCKET, vm.socket))
+        tasks = SETUP.get(module, []) + yaml.safe_load(text)
+        tasks = json.loads(json.dumps(tasks).replace(EXAMPLE_SOCKET, vm.socket)
+                           .replace(EXAMPLE_BACKUP_DIR, backup_dir))
         plays.append({"name": "examples of " + module, "hosts": "localhost", "gather_facts": False,
                       "tasks": tasks})
     records, proc = ansible.playbook(json.dumps(plays), vm=vm)

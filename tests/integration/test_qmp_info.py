@@ -89,8 +89,7 @@ def test_jobs_are_normalised(vm, workdir, ansible):
                                "speed": 1, "auto-dismiss": False})
     vm.qmp("blockdev-create", {"job-id": "mkfile", "options": {
         "driver": "file", "filename": os.path.join(workdir, "new.img"), "size": 1 << 20}})
-    with vm.client() as client:
-        client.wait_for_event("JOB_STATUS_CHANGE", {"id": "mkfile", "status": "concluded"}, timeout=20)
+    vm.wait_job("mkfile", "concluded")
 
     jobs = dict((j["id"], j) for j in ansible.run("qmp_info", {"socket": vm.socket, "gather": ["jobs"]},
                                                   vm=vm)["jobs"])
