@@ -13,6 +13,8 @@ export ANSIBLE_INVENTORY_UNPARSED_WARNING := false
 QEMU_7 ?= /usr/bin/qemu-system-x86_64
 QEMU_10 ?= $(TOP)/.cache/qemu10/bin/qemu-system-x86_64
 PYTEST := python -m pytest -q -ra
+# Each test starts its own QEMU: two workers keep both cores busy.
+INTEGRATION := $(PYTEST) -n 2
 
 .PHONY: test demo bootstrap unit integration integration-7 integration-10 sanity lint \
         changelog-lint build bench clean
@@ -30,10 +32,10 @@ unit: bootstrap
 integration: integration-7 integration-10
 
 integration-7: bootstrap
-	QEMU_BINARY=$(QEMU_7) $(PYTEST) tests/integration
+	QEMU_BINARY=$(QEMU_7) $(INTEGRATION) tests/integration
 
 integration-10: bootstrap
-	QEMU_BINARY=$(QEMU_10) $(PYTEST) tests/integration
+	QEMU_BINARY=$(QEMU_10) $(INTEGRATION) tests/integration
 
 sanity: bootstrap
 	tools/ansible-test.sh sanity --python 3.11

@@ -167,6 +167,23 @@ class QMPModule:
             self.fail("QEMU would refuse %s: %s" % (command, "; ".join(errors)),
                       validation_errors=errors)
 
+    def needs_recreate(self, what, differences, not_compared, result, how):
+        """Record a comparison with an existing object in `result`.
+
+        Returns False when nothing differs, True when something does and the
+        module's `recreate` option allows replacing it; fails otherwise,
+        naming each difference and `how` recreate would replace it.
+        """
+        result["not_compared"] = not_compared
+        if not differences:
+            return False
+        result["differences"] = differences
+        if not self.params.get("recreate"):
+            self.fail("%s exists with other settings: %s (set recreate=true to %s)" % (
+                what, ", ".join("%s is %r, wanted %r" % (key, diff["qemu"], diff["wanted"])
+                                for key, diff in sorted(differences.items())), how), **result)
+        return True
+
     def wait_for_event(self, names, match=None, timeout=None):
         return self.client.wait_for_event(names, match=match,
                                           timeout=self.timeout if timeout is None else timeout)

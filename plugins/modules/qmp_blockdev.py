@@ -207,14 +207,9 @@ def ensure_present(qm, node_name, options, nodes, result):
     node = nodes.get(node_name)
     if node is not None:
         differences, not_compared = compare_options(options, node, nodes)
-        result["not_compared"] = not_compared
-        if not differences:
+        if not qm.needs_recreate("node %s" % node_name, differences, not_compared, result,
+                                 "delete and add it again"):
             return node
-        result["differences"] = differences
-        if not qm.params["recreate"]:
-            qm.fail("node %s exists with other options: %s (set recreate=true to delete and add it again)"
-                    % (node_name, ", ".join("%s is %r, wanted %r" % (k, v["qemu"], v["wanted"])
-                                            for k, v in sorted(differences.items()))), **result)
         fail_if_in_use(qm, node_name, "recreate")
         qm.change("blockdev-del", {"node-name": node_name})
     if not options.get("driver"):

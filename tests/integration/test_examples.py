@@ -3,7 +3,8 @@
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
 """Every module's EXAMPLES run as written, against a real QEMU.
 
-Only two paths differ: the QMP socket, and /var/lib/backup (a folder of the test).
+Only paths differ: the QMP socket, and the folders /run/qemu, /var/lib/backup and
+/var/lib/qemu (folders of the test).
 A few modules' examples act on something the VM must have first (a running job);
 the test adds that in front of them, as SETUP.
 """
@@ -19,9 +20,10 @@ import yaml
 from harness import ROOT, disk_args, make_image
 
 EXAMPLE_SOCKET = "/run/qemu/vm1.qmp"
-EXAMPLE_BACKUP_DIR = "/var/lib/backup"
+EXAMPLE_DIRS = ("/run/qemu", "/var/lib/backup", "/var/lib/qemu")
 # Block modules before the job that uses them; the VM's own end comes last.
-ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_vm"]
+ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_chardev", "qmp_device",
+         "qmp_vm"]
 SETUP = {
     "qmp_job": [
         {"name": "setup: a target and a backup job for the example to wait on",
@@ -49,17 +51,22 @@ def modules():
 
 def test_examples_run_as_written(vm_factory, workdir, ansible):
     disk = make_image(os.path.join(workdir, "disk0.qcow2"))
-    backup_dir = os.path.join(workdir, "backup")
-    os.mkdir(backup_dir)
-    vm = vm_factory(guest=True, paused=False, args=disk_args(disk, node="disk0", device="disk0"))
+    dirs = {}
+    for path in EXAMPLE_DIRS:
+        dirs[path] = os.path.join(workdir, path.strip("/").replace("/", "-"))
+        os.mkdir(dirs[path])
+    vm = vm_factory(guest=True, paused=False, args=disk_args(disk, node="disk0", device="disk0") + [
+        "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"])
     vm.wait_serial("guest: ready")
     plays = []
     for module in modules():
         text = examples(module)
         assert EXAMPLE_SOCKET in text, "%s's examples should use %s" % (module, EXAMPLE_SOCKET)
         tasks = SETUP.get(module, []) + yaml.safe_load(text)
-        tasks = json.loads(json.dumps(tasks).replace(EXAMPLE_SOCKET, vm.socket)
-                           .replace(EXAMPLE_BACKUP_DIR, backup_dir))
+        text = json.dumps(tasks).replace(EXAMPLE_SOCKET, vm.socket)
+        for path, replacement in dirs.items():
+            text = text.replace(path + "/", replacement + "/")
+        tasks = json.loads(text)
         plays.append({"name": "examples of " + module, "hosts": "localhost", "gather_facts": False,
                       "tasks": tasks})
     records, proc = ansible.playbook(json.dumps(plays), vm=vm)
