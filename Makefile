@@ -16,11 +16,11 @@ PYTEST := python -m pytest -q -ra
 # Each test starts its own QEMU: two workers keep both cores busy.
 INTEGRATION := $(PYTEST) -n 2
 
-.PHONY: test demo bootstrap unit integration integration-7 integration-10 sanity lint \
+.PHONY: test demo bootstrap unit integration integration-7 integration-10 molecule sanity lint \
         changelog-lint build bench clean
 
 test: bootstrap
-	$(MAKE) --no-print-directory unit changelog-lint sanity lint build integration
+	$(MAKE) --no-print-directory unit changelog-lint sanity lint build integration molecule
 	@echo "make test: all passed"
 
 bootstrap:
@@ -36,6 +36,9 @@ integration-7: bootstrap
 
 integration-10: bootstrap
 	QEMU_BINARY=$(QEMU_10) $(INTEGRATION) tests/integration
+
+molecule: bootstrap
+	tools/molecule.sh
 
 sanity: bootstrap
 	tools/ansible-test.sh sanity --python 3.11

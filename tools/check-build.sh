@@ -21,6 +21,13 @@ for module in $modules; do
     grep -q "EXAMPLES" "$work/doc.txt" || { echo "check-build: ansible-doc qemu.qmp.$module has no examples" >&2; exit 1; }
 done
 echo "check-build: ansible-doc renders $(echo "$modules" | wc -w) modules from the installed collection"
+for role in "$top"/roles/*/; do
+    ansible-doc -t role "qemu.qmp.$(basename "$role")" > "$work/doc.txt"
+done
+for filter in "$top"/plugins/filter/*.py; do
+    ansible-doc -t filter "qemu.qmp.$(basename "$filter" .py)" > "$work/doc.txt"
+done
+echo "check-build: ansible-doc renders the roles and filters too"
 
 qemu-system-x86_64 -machine q35 -accel tcg -display none -nodefaults -S \
     -qmp "unix:$work/qmp.sock,server=on,wait=off" -pidfile "$work/qemu.pid" -daemonize

@@ -234,13 +234,14 @@ class AnsibleRunner:
             assert_commands_valid(vm, result)
         return result
 
-    def playbook(self, text, vm=None, probe=None, validate=True, extra_vars=None, timeout=600, env=None):
+    def playbook(self, text, vm=None, probe=None, validate=True, extra_vars=None, timeout=600, env=None,
+                 args=None):
         """Run a playbook (YAML text); returns (records, process) with one record per task result."""
         results = self._results_file()
         path = results.replace(".jsonl", ".yml")
         with open(path, "w", encoding="utf-8") as handle:
             handle.write(text)
-        cmd = ["ansible-playbook", "-i", "localhost,", "-c", "local", path]
+        cmd = ["ansible-playbook", "-i", "localhost,", "-c", "local", path] + list(args or [])
         for key, value in (extra_vars or {}).items():
             cmd += ["-e", json.dumps({key: value})]
         run_env = self.env(results, probe_vm=vm, probe=probe)
@@ -250,6 +251,8 @@ class AnsibleRunner:
         records = self._read(results)
         for record in records:
             record["result"]["_status"] = record["status"]
+            if not record.get("action", "").startswith("qemu.qmp."):
+                continue
             check_result(record["result"])
             if validate and vm is not None:
                 assert_commands_valid(vm, record["result"])

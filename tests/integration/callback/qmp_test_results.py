@@ -50,6 +50,7 @@ class CallbackModule(CallbackBase):
             return
         entry = {
             "task": result._task.get_name(),
+            "action": result._task.action,
             "status": status,
             "result": result._result,
             "probe": self._probe(),
