@@ -88,6 +88,8 @@ class JobWaiter:
     def __init__(self, qm, poll_interval=1.0):
         self.qm = qm
         self.poll_interval = poll_interval
+        # When each job was seen to end: QEMU's event timestamp where one came.
+        self.ended_at = {}
 
     def wait(self, job_ids, until, timeout):
         """Wait until `until(job)` holds for every job in job_ids, or it ended.
@@ -102,17 +104,23 @@ class JobWaiter:
         while True:
             known = read_jobs_by_id(self.qm.query, self.qm.schema)
             jobs = dict((job_id, known.get(job_id)) for job_id in job_ids)
+            for job_id, job in jobs.items():
+                if job is not None and job["status"] in ENDED:
+                    self.ended_at.setdefault(job_id, time.time())
             if all(job is None or job["status"] in ENDED or until(job) for job in jobs.values()):
                 return jobs, round(time.monotonic() - start, 3)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobWaitTimeout(jobs, round(time.monotonic() - start, 3))
             try:
-                self.qm.client.wait_for_event(
+                event = self.qm.client.wait_for_event(
                     JOB_EVENTS, match=lambda event: event_job_id(event) in wanted,
                     timeout=min(self.poll_interval, remaining))
             except QMPTimeoutError:
-                pass  # poll again
+                continue  # poll again
+            if event.get("data", {}).get("status") == "concluded" and "timestamp" in event:
+                stamp = event["timestamp"]
+                self.ended_at[event_job_id(event)] = stamp["seconds"] + stamp["microseconds"] / 1e6
 
     def wait_status(self, job_ids, statuses, timeout):
         statuses = frozenset(statuses)
