@@ -17,6 +17,8 @@ def qemu_img(*args):
 
 
 def create_target(path, size, backing=None):
+    if os.path.exists(path):
+        os.unlink(path)
     args = ["create", "-q", "-f", "qcow2"]
     if backing:
         args += ["-b", backing, "-F", "qcow2"]

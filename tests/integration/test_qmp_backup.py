@@ -30,7 +30,10 @@ def backup(ansible, vm, mode, target, check=False, **extra):
 
 def test_full_incremental_differential_restore_exactly(disk_vm, workdir, ansible):
     vm = disk_vm
-    path = lambda name: os.path.join(workdir, name)  # noqa: E731
+
+    def path(name):
+        return os.path.join(workdir, name)
+
     vm.guest_write("vdisk0", 0, 4 * MiB, 0x11)
 
     # Full, anchoring the chain's bitmaps: "inc" (since the last backup) and "base" (since the full).
@@ -112,10 +115,15 @@ def test_incremental_needs_a_usable_bitmap(disk_vm, workdir, ansible):
 
 def test_failed_incremental_keeps_bitmaps_and_retries(vm_factory, workdir, ansible):
     """Two disks in one backup; one target fails writes: neither bitmap loses a bit, and a retry restores."""
-    path = lambda name: os.path.join(workdir, name)  # noqa: E731
+
+    def path(name):
+        return os.path.join(workdir, name)
+
+    def disks(target_a, target_b):
+        return [{"node": "a", "target": target_a}, {"node": "b", "target": target_b}]
+
     vm = vm_factory(args=disk_args(make_image(path("a.qcow2"), "64M"), node="a", device="va")
                     + disk_args(make_image(path("b.qcow2"), "64M"), node="b", device="vb"))
-    disks = lambda ta, tb: [{"node": "a", "target": ta}, {"node": "b", "target": tb}]  # noqa: E731
     for node in ("a", "b"):
         create_target(path("full-%s.qcow2" % node), SIZE)
         add_target(vm, "tf-" + node, path("full-%s.qcow2" % node))
@@ -150,7 +158,6 @@ def test_failed_incremental_keeps_bitmaps_and_retries(vm_factory, workdir, ansib
     # The retry needs no new full, and restores both disks exactly.
     for node in ("a", "b"):
         reference_copy(vm, node, path("ref-%s.qcow2" % node), SIZE)
-        os.unlink(path("inc-%s.qcow2" % node)) if os.path.exists(path("inc-%s.qcow2" % node)) else None
         create_target(path("inc-%s.qcow2" % node), SIZE, backing=path("full-%s.qcow2" % node))
         add_target(vm, "ti-" + node, path("inc-%s.qcow2" % node))
     retry = ansible.run("qmp_backup", {"socket": vm.socket, "mode": "incremental", "bitmap": "inc",
