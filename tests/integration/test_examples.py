@@ -22,8 +22,8 @@ from harness import ROOT, disk_args, make_image
 EXAMPLE_SOCKET = "/run/qemu/vm1.qmp"
 EXAMPLE_DIRS = ("/run/qemu", "/var/lib/backup", "/var/lib/qemu")
 # Block modules before the job that uses them; the VM's own end comes last.
-ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_backup", "qmp_chardev",
-         "qmp_device", "qmp_vm"]
+ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_backup", "qmp_nbd",
+         "qmp_chardev", "qmp_device", "qmp_vm"]
 SETUP = {
     "qmp_backup": [
         {"name": "setup: a full and an incremental target for the examples, as big as disk0",
@@ -36,6 +36,10 @@ SETUP = {
             "create": {"size": "64M", "backing_file": "/var/lib/backup/ex-full.qcow2"},
             "options": {"driver": "qcow2", "backing": None,
                         "file": {"driver": "file", "filename": "/var/lib/backup/ex-inc.qcow2"}}}},
+    ],
+    "qmp_nbd": [
+        {"name": "setup: a disabled bitmap for the export example",
+         "qemu.qmp.qmp_bitmap": {"socket": EXAMPLE_SOCKET, "node": "disk0", "name": "backup", "recording": False}},
     ],
     "qmp_job": [
         {"name": "setup: a target and a backup job for the example to wait on",
