@@ -94,9 +94,13 @@ class QMPClient:
     """
 
     def __init__(self, socket_path=None, host=None, port=None,
-                 timeout=DEFAULT_TIMEOUT, max_reply_size=DEFAULT_MAX_REPLY_SIZE):
+                 timeout=DEFAULT_TIMEOUT, max_reply_size=DEFAULT_MAX_REPLY_SIZE, protocol="qmp"):
         if (socket_path is None) == (host is None):
             raise ValueError("give either socket_path or host and port")
+        if protocol not in ("qmp", "guest-agent"):
+            raise ValueError("protocol is qmp or guest-agent")
+        # The QEMU guest agent speaks the same JSON, without greeting or negotiation.
+        self.protocol = protocol
         self.socket_path = socket_path
         self.host = host
         self.port = port
@@ -127,8 +131,11 @@ class QMPClient:
         deadline = time.monotonic() + self.timeout
         self._sock = self._open_socket()
         try:
-            self.greeting = self._read_greeting(deadline)
-            self._negotiate(deadline)
+            if self.protocol == "guest-agent":
+                self._sync_guest_agent(deadline)
+            else:
+                self.greeting = self._read_greeting(deadline)
+                self._negotiate(deadline)
         except BaseException:
             self.close()
             raise
@@ -219,11 +226,24 @@ class QMPClient:
     def _negotiate(self, deadline):
         self._send_and_wait("qmp_capabilities", None, deadline)
 
+    def _sync_guest_agent(self, deadline):
+        """guest-sync with a fresh token: answers left over from an earlier client are skipped."""
+        token = int(time.time() * 1000) % 2000000000 + os.getpid()
+        try:
+            reply = self._send_and_wait("guest-sync", {"id": token}, deadline)
+            while reply != token:
+                reply = self._read_message(deadline).get("return")
+        except QMPTimeoutError:
+            raise QMPConnectError("cannot talk to the guest agent at %s: no answer within %gs (is qemu-ga "
+                                  "running in the guest?)" % (self.address, self.timeout), self.address, "busy")
+
     # -- version ----------------------------------------------------------
 
     @property
     def version(self):
         """{major, minor, micro, package} from the greeting."""
+        if self.greeting is None:
+            return None
         ver = self.greeting["version"]
         qemu = ver.get("qemu", {})
         return {

@@ -31,11 +31,12 @@ from ansible_collections.qemu.qmp.plugins.module_utils.qmp_schema import (
 SOCKET_ENV = "QMP_SOCKET"
 
 # Commands that only read state: they run in check mode and never count as a change.
-_READ_ONLY_PREFIXES = ("query-", "x-query-", "x-debug-query-")
+_READ_ONLY_PREFIXES = ("query-", "x-query-", "x-debug-query-", "guest-get-")
+_READ_ONLY_GUEST_AGENT = frozenset(["guest-info", "guest-ping", "guest-sync", "guest-fsfreeze-status"])
 
 
 def is_query(command):
-    return command.startswith(_READ_ONLY_PREFIXES)
+    return command.startswith(_READ_ONLY_PREFIXES) or command in _READ_ONLY_GUEST_AGENT
 
 
 def connection_argument_spec():
@@ -75,6 +76,8 @@ class QMPModule:
         )
         self.params = self.module.params
         self.check_mode = self.module.check_mode
+        # "guest-agent" talks to qemu-ga instead of QEMU (set before connecting).
+        self.protocol = "qmp"
         self.timeout = self.params["timeout"]
         self.client = None
         self.commands = []
@@ -91,12 +94,12 @@ class QMPModule:
                 self.module.warn(
                     "QMP over TCP to %s is plain text with no authentication: anyone who can reach "
                     "that port controls the VM. Prefer a unix socket, or an SSH tunnel." % params["host"])
-            return QMPClient(host=params["host"], port=params["port"], timeout=self.timeout)
+            return QMPClient(host=params["host"], port=params["port"], timeout=self.timeout, protocol=self.protocol)
         path = params["socket"] or os.environ.get(SOCKET_ENV)
         if not path:
             self.fail("no QMP connection given: set socket (or the %s environment variable), "
                       "or host and port" % SOCKET_ENV)
-        return QMPClient(socket_path=path, timeout=self.timeout)
+        return QMPClient(socket_path=path, timeout=self.timeout, protocol=self.protocol)
 
     def connected(self, absent_ok=False):
         """Context manager holding the connection open.
@@ -155,6 +158,8 @@ class QMPModule:
 
     def validate(self, command, arguments):
         """Fail the way QEMU would if the arguments do not fit its schema."""
+        if self.protocol != "qmp":
+            return  # the guest agent has no schema to ask
         try:
             errors = self.schema.validate(command, arguments)
         except SchemaValidationUnavailable as exc:

@@ -32,6 +32,14 @@ options:
       - The command's arguments, exactly as QEMU takes them.
     type: dict
     default: {}
+  guest_agent:
+    description:
+      - Talk to the QEMU guest agent (C(qemu-ga) in the guest, reached through the socket of its
+        virtio-serial channel) instead of QEMU, for example to freeze the guest's file systems with
+        V(guest-fsfreeze-freeze). The agent has no schema to validate against, and commands named
+        C(guest-get-*), V(guest-info), V(guest-ping) and V(guest-fsfreeze-status) count as queries.
+    type: bool
+    default: false
 attributes:
   check_mode:
     description: Queries run; other commands are validated against QEMU's schema and not sent.
@@ -50,6 +58,12 @@ EXAMPLES = r"""
     socket: /run/qemu/vm1.qmp
     command: query-block
   register: blocks
+
+- name: Freeze the guest's file systems through its guest agent
+  qemu.qmp.qmp_command:
+    socket: /run/qemu/vm1.qga
+    guest_agent: true
+    command: guest-fsfreeze-freeze
 
 - name: Write a test pattern into a virtio-blk disk through HMP (no guest OS needed)
   qemu.qmp.qmp_command:
@@ -96,8 +110,11 @@ def main():
         argument_spec=dict(
             command=dict(type="str", required=True),
             arguments=dict(type="dict", default={}),
+            guest_agent=dict(type="bool", default=False),
         ),
     )
+    if qm.params["guest_agent"]:
+        qm.protocol = "guest-agent"
     command = qm.params["command"]
     arguments = qm.params["arguments"] or None
     with qm.connected():
