@@ -59,6 +59,11 @@ options:
     description: How many chains to keep, the new one included.
     type: int
     default: 2
+  mode:
+    description:
+      - V(push) or V(pull). A pull-mode incremental freezes the bitmap it reads and anchors a new one.
+    type: str
+    default: push
 author:
   - qemu.qmp maintainers (@qemu-qmp)
 """
@@ -157,7 +162,7 @@ def _chain_problem(backups, images, disks, bitmaps, root, level):
     return None
 
 
-def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix, keep_chains=2):
+def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix, keep_chains=2, mode="push"):
     if level not in ("auto",) + LEVEL_NAMES:
         raise AnsibleFilterError("level must be auto, full, incremental or differential, not %r" % (level,))
     if not disks:
@@ -199,6 +204,10 @@ def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix
         next_bitmap, full_bitmap = last["bitmap"], last["full_bitmap"]
         bitmap = full_bitmap if plan_level == "differential" else next_bitmap
         anchors = []
+        if mode == "pull" and plan_level == "incremental":
+            # Pull mode freezes the bitmap it reads; a new one records from that instant.
+            next_bitmap = "%s-%s-%04d" % (prefix, chain, sequence)
+            anchors = [next_bitmap]
 
     chain_dir = os.path.join(root, chain)
     name = "%04d-%s" % (sequence, plan_level)
@@ -221,11 +230,12 @@ def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix
             "backing_header": os.path.join("..", backing) if backing else None,
         })
 
+    finished = [m.get("finished") for backups in chains.values() for m in backups if m.get("finished")]
     manifest_paths = set(path for path, dummy in _manifests(manifests))
     partial = sorted(set(os.path.dirname(i) for i in images
                          if os.path.dirname(i) + ".json" not in manifest_paths))
     ours = [b for b in bitmaps if str(b.get("name", "")).startswith(prefix + "-")]
-    keep_names = {next_bitmap, full_bitmap}
+    keep_names = {next_bitmap, full_bitmap, bitmap}
     all_chains = sorted(set(chains) | {chain})
     return {
         "level": plan_level,
@@ -245,6 +255,8 @@ def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix
         # The disks as qemu.qmp.qmp_backup takes them.
         "job_disks": [{"node": d["node"], "target": d["target_node"], "job_id": d["job_id"]} for d in planned],
         "warnings": warnings,
+        # When the newest backup of any chain finished (ISO 8601, UTC), or None.
+        "last_finished": max(finished) if finished else None,
         # Image folders without a manifest: backups that did not finish.
         "partial_dirs": partial,
         # After a successful full, bitmaps of other chains only cost writes.

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to the qemu.qmp collection
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Push-mode backups: one transaction of backup jobs across the disks of a VM.
+"""Backups: one transaction of backup jobs across the disks of a VM.
 
 The rules that keep a backup chain from losing data after a failure:
 - every job of one backup starts in one `transaction` with grouped completion,
@@ -12,6 +12,12 @@ The rules that keep a backup chain from losing data after a failure:
   (a write in between is merely copied twice later, never missed) and are
   removed again when the backup fails;
 - jobs run with auto-dismiss off, so their errors are read before they go.
+
+Pull mode serves a point-in-time view instead: each disk's target is a
+fleece overlay backed by the disk, kept by a `sync=none` job, and the bitmap
+of the changes to read is frozen at the same instant. An outside reader
+copies what the bitmap marks; only when it succeeded is the frozen bitmap
+dropped, else it is merged back so nothing is lost.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ class BackupRun:
     """One backup across several disks: plan, start, follow, finish."""
 
     def __init__(self, qm, mode, disks, bitmap=None, anchors=(), anchor_persistent=True,
-                 anchor_granularity=None, speed=None, perf=None, compress=False):
+                 anchor_granularity=None, speed=None, perf=None, compress=False, pull=False):
         self.qm = qm
         self.mode = mode
         self.disks = [dict(d, job_id=d.get("job_id") or "backup-" + d["node"]) for d in disks]
@@ -53,6 +59,7 @@ class BackupRun:
         self.speed = speed
         self.perf = perf
         self.compress = compress
+        self.pull = pull
         self.job_ids = [d["job_id"] for d in self.disks]
         self.started_at = None
         self.waiter = JobWaiter(qm)
@@ -129,7 +136,78 @@ class BackupRun:
             arguments["x-perf"] = self.perf
         return arguments
 
+    @property
+    def export_bitmap(self):
+        """In pull mode, the frozen bitmap a reader copies by (None for a full backup)."""
+        if not self.pull or self.mode == "full":
+            return None
+        # A differential reads a frozen copy: the chain's base bitmap goes on recording.
+        return self.bitmap + ".pull" if self.mode == "differential" else self.bitmap
+
+    def _pull_actions(self, disk):
+        """Bitmap actions at the instant of a pull-mode backup, for one disk."""
+        actions = []
+        if self.mode == "incremental":
+            actions.append({"type": "block-dirty-bitmap-disable", "data": {"node": disk["node"], "name": self.bitmap}})
+        elif self.mode == "differential":
+            frozen = {"node": disk["node"], "name": self.export_bitmap, "disabled": True}
+            actions.append({"type": "block-dirty-bitmap-add", "data": frozen})
+            actions.append({"type": "block-dirty-bitmap-merge", "data": {
+                "node": disk["node"], "target": self.export_bitmap, "bitmaps": [self.bitmap]}})
+        return actions
+
+    def start_pull(self):
+        """Anchors, frozen bitmaps and the fleece jobs, all at one instant."""
+        actions = []
+        for disk in self.disks:
+            for anchor in self.anchors:
+                data = {"node": disk["node"], "name": anchor}
+                if self.anchor_persistent:
+                    data["persistent"] = True
+                actions.append({"type": "block-dirty-bitmap-add", "data": data})
+            actions.extend(self._pull_actions(disk))
+            actions.append({"type": "blockdev-backup", "data": {
+                "job-id": disk["job_id"], "device": disk["node"], "target": disk["target"], "sync": "none",
+                "auto-dismiss": False}})
+        self.started_at = time.time()
+        self.qm.change("transaction", {"actions": actions})
+
+    def finish_pull(self, pulled):
+        """Stop the fleece jobs; keep the new bitmaps only when the reader copied everything."""
+        jobs = self.jobs()
+        for job_id, job in jobs.items():
+            if job is not None and job["status"] not in ENDED:
+                self.qm.change(*job_command(self.qm.schema, "cancel", job_id))
+        if not self.qm.check_mode:
+            jobs, dummy = self.wait(self.qm.timeout)
+        broken = [j for j in jobs.values() if j and j.get("error") and "cancel" not in j["error"].lower()]
+        self.dismiss(jobs)
+        existing = set((b["node"], b["name"]) for b in read_bitmaps(self.qm.query, self.qm.schema))
+        for disk in self.disks:
+            node = disk["node"]
+            if self.mode == "differential" and (node, self.export_bitmap) in existing:
+                self.qm.change("block-dirty-bitmap-remove", {"node": node, "name": self.export_bitmap})
+            if self.mode == "incremental":
+                if pulled and not broken:
+                    self.qm.change("block-dirty-bitmap-remove", {"node": node, "name": self.bitmap})
+                else:
+                    # Recording again before the merge: no write falls between the two.
+                    self.qm.change("block-dirty-bitmap-enable", {"node": node, "name": self.bitmap})
+                    for anchor in self.anchors:
+                        if (node, anchor) in existing:
+                            self.qm.change("block-dirty-bitmap-merge", {"node": node, "target": self.bitmap,
+                                                                        "bitmaps": [anchor]})
+        if not pulled or broken:
+            self.remove_anchors()
+        if broken:
+            raise BackupError("the point-in-time view broke: " + "; ".join(
+                "job %s: %s" % (j["id"], j["error"]) for j in broken), self.report(jobs))
+        return self.report(jobs)
+
     def start(self):
+        if self.pull:
+            self.start_pull()
+            return
         if self.anchors:
             # Added just before the backup: a write in between is copied again
             # by the next backup, never missed.

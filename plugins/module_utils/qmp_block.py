@@ -22,6 +22,20 @@ def nodes_by_name(qm):
     return dict((node["node-name"], node) for node in read_block_nodes(qm.query, qm.schema))
 
 
+def backing_links(qm):
+    """{node: its open backing node} from QEMU's block graph, or None where QEMU cannot tell.
+
+    Only the graph says which node is open as another's backing: a node's
+    reported backing file is what its image header names, open or not.
+    """
+    if not qm.schema.has_command("x-debug-query-block-graph"):
+        return None
+    graph = qm.query("x-debug-query-block-graph")
+    names = dict((n["id"], n["name"]) for n in graph["nodes"] if n["type"] == "block-driver")
+    return dict((names[e["parent"]], names[e["child"]]) for e in graph["edges"]
+                if e["name"] == "backing" and e["parent"] in names and e["child"] in names)
+
+
 def node_users(qm, node_name):
     """Who holds `node_name`: ["device /machine/peripheral/disk0/virtio-backend", "job backup0", ...].
 
@@ -58,7 +72,7 @@ def node_users(qm, node_name):
 
 # -- comparing a request with QEMU's report ----------------------------------
 
-def compare_options(options, node, nodes):
+def compare_options(options, node, nodes, backing_of=None):
     """Compare the blockdev-add options a user gave with what QEMU reports.
 
     Returns (differences, not_compared): differences maps each option to
@@ -87,7 +101,7 @@ def compare_options(options, node, nodes):
             if isinstance(wanted, dict):
                 not_compared.extend("file." + sub for sub in sorted(wanted) if sub not in ("driver", "filename"))
         elif key == "backing":
-            differ(key, wanted, backing_node_name(node, nodes))
+            differ(key, wanted, backing_node_name(node, nodes, backing_of))
         elif key == "cache" and isinstance(wanted, dict):
             for sub, value in sorted(wanted.items()):
                 if sub in ("direct", "no-flush"):
@@ -112,12 +126,15 @@ def _filename_of(ref, nodes):
     return ref
 
 
-def backing_node_name(node, nodes):
+def backing_node_name(node, nodes, backing_of=None):
     """The node name of `node`'s open backing node, None when it has none.
 
-    QEMU reports the backing file's name, not its node: match it against the
-    named nodes' files. Returns the file name when no named node has it.
+    From the block graph (`backing_of`, see backing_links) where QEMU has it.
+    Else QEMU reports the backing file's name, not its node: match it against
+    the named nodes' files, and return the file name when no named node has it.
     """
+    if backing_of is not None:
+        return backing_of.get(node["node-name"])
     if not node.get("backing_file_depth"):
         return None
     backing_file = (node.get("image", {}).get("full-backing-filename")

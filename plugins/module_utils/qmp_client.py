@@ -155,7 +155,8 @@ class QMPClient:
         return self._open_tcp()
 
     def _connect_error(self, reason, detail):
-        return QMPConnectError("cannot connect to QMP at %s: %s" % (self.address, detail),
+        what = "the guest agent" if self.protocol == "guest-agent" else "QMP"
+        return QMPConnectError("cannot connect to %s at %s: %s" % (what, self.address, detail),
                                self.address, reason)
 
     def _open_unix(self):
@@ -163,6 +164,9 @@ class QMPClient:
         try:
             mode = os.stat(path).st_mode
         except FileNotFoundError:
+            if self.protocol == "guest-agent":
+                raise self._connect_error("missing", "no such file (is the guest agent's channel a unix socket "
+                                                     "there: -chardev socket,path=%s,server=on,wait=off?)" % path)
             raise self._connect_error("missing", "no such file (is QEMU running with -qmp unix:%s,server=on?)" % path)
         except PermissionError:
             raise self._connect_error("permission", "permission denied")

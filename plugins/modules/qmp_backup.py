@@ -102,6 +102,22 @@ options:
     description: Write compressed clusters into the target (qcow2 targets only).
     type: bool
     default: false
+  pull:
+    description:
+      - Serve a point-in-time view for a pull-mode backup instead of copying. Each disk's O(disks[].target) is a
+        fleece overlay (a qcow2 whose backing is the disk's node); QEMU keeps the disk's old data in it as the
+        guest writes (a C(sync=none) job). Export the targets with C(qemu.qmp.qmp_nbd) and read them.
+      - With O(mode=incremental), O(bitmap) is frozen at the same instant and new O(anchor_bitmaps) start
+        recording; RV(export_bitmap) is the bitmap to export. With O(mode=differential) a frozen copy of
+        O(bitmap) is exported instead.
+      - O(state=started) starts this. O(state=completed) stops it; with O(pulled=true) the frozen bitmap is
+        dropped, else it is merged back with what was written since, so the next backup copies it all again.
+    type: bool
+    default: false
+  pulled:
+    description: With O(pull) and O(state=completed), whether the reader copied everything.
+    type: bool
+    default: false
 attributes:
   check_mode:
     description: Checks the disks and bitmaps and validates the transaction against QEMU's schema, without starting it.
@@ -191,6 +207,10 @@ anchor_bitmaps:
   returned: always
   type: list
   elements: str
+export_bitmap:
+  description: With O(pull), the frozen bitmap to export to the reader (null for a full backup).
+  returned: with O(pull)
+  type: str
 qmp_commands:
   description:
     - The QMP commands the module sent, in order, as they went on the wire (without the C(id)).
@@ -231,6 +251,8 @@ def main():
             speed=dict(type="int"),
             perf=dict(type="dict"),
             compress=dict(type="bool", default=False),
+            pull=dict(type="bool", default=False),
+            pulled=dict(type="bool", default=False),
         ),
         required_if=[("mode", "incremental", ["bitmap"]), ("mode", "differential", ["bitmap"])],
     )
@@ -239,16 +261,23 @@ def main():
         qm.fail("disks is empty: name at least one disk to back up")
     run = BackupRun(qm, params["mode"], params["disks"], bitmap=params["bitmap"], anchors=params["anchor_bitmaps"],
                     anchor_persistent=params["anchor_persistent"], anchor_granularity=params["anchor_granularity"],
-                    speed=params["speed"], perf=params["perf"], compress=params["compress"])
+                    speed=params["speed"], perf=params["perf"], compress=params["compress"], pull=params["pull"])
     result = {"anchor_bitmaps": run.anchors, "started": False, "finished": False}
+    if params["pull"]:
+        result["export_bitmap"] = run.export_bitmap
     with qm.connected():
         try:
+            if params["pull"] and params["state"] == "completed":
+                result["disks"] = run.finish_pull(params["pulled"])
+                result["finished"] = True
+                qm.exit(**result)
             if not run.started():
                 run.check()
                 run.start()
                 result["started"] = True
-            if qm.check_mode:
-                qm.exit(disks=run.report({}), **result)
+            if qm.check_mode or params["pull"]:
+                # Nothing to wait for: check mode started nothing, and a pull's jobs run until stopped.
+                qm.exit(disks=run.report(run.jobs()), **result)
             if params["state"] == "started":
                 before = run.jobs()
                 begin = time.monotonic()

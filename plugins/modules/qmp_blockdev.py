@@ -164,6 +164,7 @@ from ansible.module_utils.common.text.formatters import human_to_bytes
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_block import (
     BlockError,
     ImageCreator,
+    backing_links,
     compare_options,
     node_users,
     nodes_by_name,
@@ -206,7 +207,7 @@ def create_image(qm, options, create):
 def ensure_present(qm, node_name, options, nodes, result):
     node = nodes.get(node_name)
     if node is not None:
-        differences, not_compared = compare_options(options, node, nodes)
+        differences, not_compared = compare_options(options, node, nodes, backing_links(qm))
         if not qm.needs_recreate("node %s" % node_name, differences, not_compared, result,
                                  "delete and add it again"):
             return node

@@ -163,6 +163,7 @@ qmp_error:
   sample: {"class": "GenericError", "desc": "Bitmap 'backup' is not found"}
 """
 
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_block import backing_links, backing_node_name
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_nbd import (
     add_export,
@@ -190,12 +191,30 @@ def ensure_server(qm, running, result):
     return True
 
 
+def backing_chain(nodes, node, backing_of):
+    """node, its backing node, that one's backing node, ..."""
+    chain = []
+    while node in nodes and node not in chain:
+        chain.append(node)
+        node = backing_node_name(nodes[node], nodes, backing_of)
+    return chain
+
+
 def check_bitmaps(qm, node, names, writable):
-    """Refuse, before QEMU does, bitmaps a client could not read consistently."""
-    bitmaps = dict((b["name"], b) for b in read_bitmaps(qm.query, qm.schema) if b["node"] == node)
+    """Refuse, before QEMU does, bitmaps a client could not read consistently.
+
+    QEMU exports a bitmap of the node or of a node in its backing chain (a
+    fleece overlay exports the bitmap of the disk behind it).
+    """
+    nodes = dict((n["node-name"], n) for n in read_block_nodes(qm.query, qm.schema))
+    chain = backing_chain(nodes, node, backing_links(qm))
+    bitmaps = {}
+    for bitmap in read_bitmaps(qm.query, qm.schema, list(nodes.values())):
+        if bitmap["node"] in chain and bitmap["name"] not in bitmaps:
+            bitmaps[bitmap["name"]] = bitmap
     for name in names:
         if name not in bitmaps:
-            qm.fail("node %s has no bitmap %s to export" % (node, name))
+            qm.fail("node %s has no bitmap %s to export (nor has a node behind it)" % (node, name))
         if bitmaps[name]["recording"] and not writable:
             qm.fail("bitmap %s on node %s still records writes: QEMU exports only a disabled bitmap, so it "
                     "describes one point in time (disable it first, for example with qemu.qmp.qmp_bitmap "

@@ -17,7 +17,7 @@ import os
 
 import yaml
 
-from harness import ROOT, disk_args, make_image
+from harness import ROOT, FakeGuestAgent, disk_args, make_image
 
 EXAMPLE_SOCKET = "/run/qemu/vm1.qmp"
 EXAMPLE_DIRS = ("/run/qemu", "/var/lib/backup", "/var/lib/qemu")
@@ -74,6 +74,8 @@ def test_examples_run_as_written(vm_factory, workdir, ansible):
     vm = vm_factory(guest=True, paused=False, args=disk_args(disk, node="disk0", device="disk0") + [
         "-device", "pcie-root-port,id=rp1,bus=pcie.0,chassis=1"])
     vm.wait_serial("guest: ready")
+    agent = FakeGuestAgent(os.path.join(dirs["/run/qemu"], "vm1.qga"))
+    agent.start()
     plays = []
     for module in modules():
         text = examples(module)
@@ -91,3 +93,4 @@ def test_examples_run_as_written(vm_factory, workdir, ansible):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The last qmp_vm example quit QEMU (after the guest powered off).
     assert vm.wait_exit(20) == 0
+    assert "guest-fsfreeze-freeze" in agent.commands

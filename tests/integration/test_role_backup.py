@@ -247,3 +247,112 @@ def test_qemu_killed_mid_backup(vm_factory, workdir, ansible):
     assert ("disk0", "qemu-qmp-backup-%s" % full["chain"]) not in vm.bitmaps()
     # The earlier chain is still there and restores.
     assert role.restore("disk0", os.path.join(workdir, "old.qcow2"), point=full["chain"])["level"] == "full"
+
+
+def guest_ticks(image, workdir):
+    """The newest tick the tiny guest wrote into a disk image (its records cycle through 256 slots)."""
+    raw = os.path.join(workdir, "ticks.raw")
+    subprocess.run(["qemu-img", "convert", "-O", "raw", image, raw], check=True)
+    with open(raw, "rb") as handle:
+        data = handle.read(256 * 4096)
+    os.unlink(raw)
+    ticks = []
+    for slot in range(256):
+        record = data[slot * 4096:slot * 4096 + 64].split(b"\n")[0]
+        if record.startswith(b"qemu.qmp guest tick "):
+            tick = int(record.split()[-1])
+            assert tick % 256 == slot, (slot, record)
+            ticks.append(tick)
+    return max(ticks) if ticks else None
+
+
+def test_two_disks_are_from_one_instant(vm_factory, workdir, ansible):
+    """The guest writes each tick to disk a, then disk b: a backup of both from one instant sees the
+    same tick on both, or b one behind."""
+    args = (disk_args(make_image(os.path.join(workdir, "a.qcow2"), "64M"), node="a", device="va")
+            + disk_args(make_image(os.path.join(workdir, "b.qcow2"), "64M"), node="b", device="vb"))
+    guest = vm_factory(guest=True, paused=False, args=args, append="qmpguest.disk=/dev/vda,/dev/vdb")
+    guest.wait_serial("guest: tick 4 ")
+    role = BackupRole(ansible, guest, os.path.join(workdir, "backups"))
+    seen = []
+    for level in ("full", "incremental", "incremental"):
+        result = role.backup(backup_level=level)
+        assert result["level"] == level and sorted(d["node"] for d in result["disks"]) == ["a", "b"]
+        ticks = {}
+        for node in ("a", "b"):
+            restored = os.path.join(workdir, "%s-%d.qcow2" % (node, result["sequence"]))
+            role.restore(node, restored)
+            ticks[node] = guest_ticks(restored, workdir)
+        assert ticks["a"] is not None and ticks["a"] - ticks["b"] in (0, 1), ticks
+        seen.append(ticks["a"])
+    # Each backup is later than the one before: the guest kept writing, and the chain followed.
+    assert seen == sorted(seen) and seen[0] < seen[-1]
+
+
+def test_pull_mode_chain_restores_exactly(disk_vm, workdir, ansible):
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    refs = []
+    steps = [("auto", 0x61, 0), ("auto", 0x62, 8 * MiB), ("incremental", 0x63, 20 * MiB), ("differential", 0x64, 40 * MiB)]
+    for index, (level, pattern, offset) in enumerate(steps):
+        vm.guest_write("vdisk0", offset, 2 * MiB, pattern)
+        result = role.backup(backup_level=level, backup_mode="pull")
+        assert result["level"] == ["full", "incremental", "incremental", "differential"][index]
+        refs.append(reference_copy(vm, "disk0", os.path.join(workdir, "ref%d.qcow2" % index), SIZE))
+    manifests = [check_manifest(p) for p in role.manifests()]
+    assert [m["mode"] for m in manifests] == ["pull"] * 4
+    assert [m["disks"][0]["bytes_copied"] for m in manifests[1:]] == [2 * MiB, 2 * MiB, 6 * MiB]
+    # Only the chain's current bitmaps are left, all recording; no fleece, export or job.
+    chain = manifests[0]["chain"]
+    assert sorted(name for dummy, name in vm.bitmaps()) == sorted([manifests[-1]["bitmap"], manifests[-1]["full_bitmap"]])
+    assert manifests[-1]["bitmap"] == "qemu-qmp-backup-%s-0002" % chain
+    assert all(b["recording"] for b in vm.bitmaps().values())
+    assert vm.jobs() == {} and vm.qmp("query-block-exports") == [] and not [n for n in vm.nodes() if n.startswith("qmpbk")]
+    assert not glob.glob(os.path.join(workdir, "backups", "**", "*.fleece.qcow2"), recursive=True)
+    for index in range(4):
+        restored = os.path.join(workdir, "restored%d.qcow2" % index)
+        role.restore("disk0", restored, point="%s/%d" % (chain, index))
+        assert same_content(restored, refs[index]), index
+
+
+def test_pull_mode_failure_gives_the_bitmap_back(disk_vm, workdir, ansible):
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    full = role.backup(backup_mode="pull")
+    vm.guest_write("vdisk0", 0, 3 * MiB, 0x71)
+    name = "qemu-qmp-backup-%s" % full["chain"]
+    before = role.files()
+    # The reader cannot write its image: the backup fails after QEMU froze the bitmap.
+    outcome = role.run(backup_mode="pull", backup_qemu_img="/bin/false")
+    assert outcome["rc"] != 0
+    assert role.files() == before
+    bitmaps = vm.bitmaps()
+    assert sorted(n for dummy, n in bitmaps) == [name, name + "-full"]
+    assert bitmaps[("disk0", name)]["recording"] is True and bitmaps[("disk0", name)]["count"] == 3 * MiB
+    assert vm.jobs() == {} and vm.qmp("query-block-exports") == []
+    # The next incremental copies it all.
+    retry = role.backup(backup_mode="pull")
+    assert retry["level"] == "incremental" and retry["disks"][0]["bytes_copied"] == 3 * MiB
+
+
+def test_guest_agent_freezes_only_while_the_backup_starts(disk_vm, workdir, ansible):
+    from harness import FakeGuestAgent  # pylint: disable=import-outside-toplevel
+    agent = FakeGuestAgent(os.path.join(workdir, "qga.sock"))
+    agent.start()
+    role = BackupRole(ansible, disk_vm, os.path.join(workdir, "backups"))
+    outcome = role.run(backup_guest_agent_socket=os.path.join(workdir, "qga.sock"))
+    assert outcome["rc"] == 0, outcome["stdout"][-3000:]
+    assert [c for c in agent.commands if c != "guest-sync"] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    # Frozen for the transaction only: thawed before the jobs were followed.
+    tasks = [r["task"].split(" : ")[-1] for r in outcome["records"]]
+    assert tasks.index("Thaw the guest's file systems") < tasks.index("Show the backup's progress")
+
+
+def test_max_age_makes_a_second_run_unchanged(disk_vm, workdir, ansible):
+    role = BackupRole(ansible, disk_vm, os.path.join(workdir, "backups"))
+    first = role.run(backup_max_age=3600)
+    assert first["rc"] == 0 and first["result"]["skipped"] is False
+    second = role.run(backup_max_age=3600)
+    assert second["rc"] == 0 and second["result"]["skipped"] is True
+    assert not any(r["result"].get("changed") for r in second["records"] if r["status"] == "ok")
+    assert len(role.manifests()) == 1
