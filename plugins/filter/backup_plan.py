@@ -87,10 +87,23 @@ import base64
 import binascii
 import json
 import os
+import re
 
 from ansible.errors import AnsibleFilterError
 
 LEVEL_NAMES = ("full", "incremental", "differential")
+
+
+BACKUP_FOLDER = re.compile(r"^[0-9]{4,}-(full|incremental|differential)$")
+CHAIN_FOLDER = re.compile(r"^[0-9]{8}T[0-9]{6}Zx*$")
+
+
+def _is_backup_folder(path, root):
+    """Whether `path` is ROOT/CHAIN/NNNN-LEVEL, the only folders the role writes images into."""
+    chain_dir, name = os.path.split(os.path.normpath(path))
+    parent, chain = os.path.split(chain_dir)
+    return (os.path.normpath(parent) == os.path.normpath(root) and bool(CHAIN_FOLDER.match(chain))
+            and bool(BACKUP_FOLDER.match(name)))
 
 
 def _manifests(entries):
@@ -175,14 +188,14 @@ def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix
         plan_level = "full"
     elif newest is None:
         if level != "auto":
-            warnings.append("no backup chain exists yet: taking a full backup instead of an %s one" % level)
+            warnings.append("no backup chain exists yet: taking a full backup instead of the %s one asked for" % level)
         plan_level = "full"
     else:
         wanted = "incremental" if level == "auto" else level
         problem = _chain_problem(chains[newest], images, disks, bitmaps, root, wanted)
         if problem:
-            warnings.append("starting a new full chain instead of an %s backup: chain %s cannot continue: %s"
-                            % (wanted, newest, problem))
+            warnings.append("starting a new full chain instead of taking the %s backup: chain %s cannot "
+                            "continue: %s" % (wanted, newest, problem))
             plan_level = "full"
         else:
             plan_level = wanted
@@ -231,9 +244,12 @@ def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix
         })
 
     finished = [m.get("finished") for backups in chains.values() for m in backups if m.get("finished")]
-    manifest_paths = set(path for path, dummy in _manifests(manifests))
+    # A backup folder with a manifest file is finished, even if the file cannot be read:
+    # later backups may be based on its images.
+    manifest_paths = set(entry.get("path") or entry.get("source") for entry in manifests or [])
     partial = sorted(set(os.path.dirname(i) for i in images
-                         if os.path.dirname(i) + ".json" not in manifest_paths))
+                         if _is_backup_folder(os.path.dirname(i), root)
+                         and os.path.dirname(i) + ".json" not in manifest_paths))
     ours = [b for b in bitmaps if str(b.get("name", "")).startswith(prefix + "-")]
     keep_names = {next_bitmap, full_bitmap, bitmap}
     all_chains = sorted(set(chains) | {chain})
@@ -261,7 +277,8 @@ def backup_plan(manifests, images, disks, bitmaps, level, root, chain_id, prefix
         "partial_dirs": partial,
         # After a successful full, bitmaps of other chains only cost writes.
         "stale_bitmaps": [{"node": b["node"], "name": b["name"]} for b in ours if b["name"] not in keep_names],
-        "old_chains": [os.path.join(root, c) for c in all_chains[:max(0, len(all_chains) - int(keep_chains))]],
+        # The chain being written is always kept, whatever keep_chains says.
+        "old_chains": [os.path.join(root, c) for c in all_chains[:max(0, len(all_chains) - max(1, int(keep_chains)))]],
     }
 
 

@@ -70,8 +70,8 @@ class QMPConnectionClosed(QMPProtocolError):
 class QMPCommandError(QMPError):
     """QEMU refused a command; carries QEMU's error class and description."""
 
-    def __init__(self, command, arguments, error_class, desc):
-        super().__init__("QEMU refused %s: %s" % (command, desc))
+    def __init__(self, command, arguments, error_class, desc, peer="QEMU"):
+        super().__init__("%s refused %s: %s" % (peer, command, desc))
         self.command = command
         self.arguments = arguments
         self.error_class = error_class
@@ -231,13 +231,27 @@ class QMPClient:
         self._send_and_wait("qmp_capabilities", None, deadline)
 
     def _sync_guest_agent(self, deadline):
-        """guest-sync with a fresh token: answers left over from an earlier client are skipped."""
+        """Resynchronise with the guest agent, which may hold another client's leftovers.
+
+        A 0xFF byte resets its JSON parser (a half-written request is dropped);
+        then guest-sync with a fresh token, skipping every answer, error or
+        not, until the one that carries the token.
+        """
         token = int(time.time() * 1000) % 2000000000 + os.getpid()
         try:
-            reply = self._send_and_wait("guest-sync", {"id": token}, deadline)
-            while reply != token:
-                reply = self._read_message(deadline).get("return")
-        except QMPTimeoutError:
+            self._sock.settimeout(max(0.001, deadline - time.monotonic()))
+            request = {"execute": "guest-sync", "arguments": {"id": token}, "id": "qemu.qmp-%d" % next(self._ids)}
+            self._sock.sendall(b"\xff" + json.dumps(request).encode() + b"\n")
+            while True:
+                try:
+                    message = self._read_message(deadline)
+                except QMPConnectionClosed as exc:
+                    raise QMPConnectionClosed("%s while waiting for the answer to guest-sync" % exc)
+                except QMPProtocolError:
+                    continue  # leftover output that is not JSON
+                if message.get("return") == token:
+                    return
+        except (QMPTimeoutError, socket.timeout):
             raise QMPConnectError("cannot talk to the guest agent at %s: no answer within %gs (is qemu-ga "
                                   "running in the guest?)" % (self.address, self.timeout), self.address, "busy")
 
@@ -303,7 +317,8 @@ class QMPClient:
             if "error" in message:
                 error = message["error"] if isinstance(message["error"], dict) else {}
                 raise QMPCommandError(command, arguments, error.get("class", "GenericError"),
-                                      error.get("desc", json.dumps(message["error"])))
+                                      error.get("desc", json.dumps(message["error"])),
+                                      "the guest agent" if self.protocol == "guest-agent" else "QEMU")
             if "id" in message:
                 raise QMPProtocolError("answer to %s has neither return nor error: %.200s"
                                        % (command, json.dumps(message)))
@@ -376,7 +391,8 @@ class QMPClient:
             if newline >= 0:
                 line = bytes(self._buffer[:newline])
                 del self._buffer[:newline + 1]
-                line = line.strip()
+                # 0xFF resynchronises the guest agent's stream; never part of JSON.
+                line = line.replace(b"\xff", b"").strip()
                 if not line:
                     continue
                 try:

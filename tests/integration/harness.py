@@ -341,7 +341,7 @@ class FakeGuestAgent(threading.Thread):
                 return
             with conn, conn.makefile("rwb") as stream:
                 for line in stream:
-                    request = json.loads(line)
+                    request = json.loads(line.replace(b"\xff", b""))
                     self.commands.append(request["execute"])
                     answer = {"guest-sync": request.get("arguments", {}).get("id"),
                               "guest-fsfreeze-freeze": 1, "guest-fsfreeze-thaw": 1}.get(request["execute"], {})

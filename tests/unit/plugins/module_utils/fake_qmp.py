@@ -267,6 +267,7 @@ class FakeQMPServer:
             pending += data
             while b"\n" in pending and not session.closed:
                 line, pending = pending.split(b"\n", 1)
+                line = line.replace(b"\xff", b"")  # the guest agent's parser reset, as qemu-ga drops it
                 if line.strip():
                     self._dispatch(session, json.loads(line.decode("utf-8")))
 
