@@ -55,6 +55,7 @@ build: bootstrap
 bench: bootstrap
 	python bench/qmp_round_trip.py
 	python bench/module_overhead.py
+	python bench/backup_throughput.py
 
 demo: bootstrap
 	ansible-playbook -i localhost, playbooks/demo.yml
