@@ -66,7 +66,10 @@ def read_job(query, schema, job_id):
 
 def job_command(schema, verb, job_id):
     """(command, arguments) for a job verb: the job-* command where QEMU has it,
-    else the older block-job-* one."""
+    else the older block-job-* one. `soft-cancel` ends a ready mirror without
+    switching to its target, after it copied what was in flight."""
+    if verb == "soft-cancel":
+        return "block-job-cancel", {"device": job_id, "force": False}
     if schema.has_command("job-" + verb):
         return "job-" + verb, {"id": job_id}
     if verb in ("dismiss", "finalize"):

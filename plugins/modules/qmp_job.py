@@ -42,6 +42,13 @@ options:
     type: str
     choices: [concluded, ready, completed, cancelled, paused, running, absent]
     default: concluded
+  force:
+    description:
+      - With O(state=cancelled), V(false) lets a mirror that is ready copy what is still in flight and end without
+        switching the device to its target (C(block-job-cancel) with C(force=false)), so the target is a
+        consistent copy, as the last step of moving storage. V(true) stops any job at once.
+    type: bool
+    default: true
 notes:
   - O(timeout) is how long the module waits for the job. When it passes, the module fails and
     the job goes on; run the module again to wait longer.
@@ -215,7 +222,7 @@ def ensure(plan, wanted, job):
     if wanted == "cancelled":
         if status in ENDED:
             return job
-        plan.act("cancel")
+        plan.act("cancel" if plan.qm.params["force"] or status != "ready" else "soft-cancel")
         return plan.wait(ENDED)
 
     if wanted in ("paused", "running"):
@@ -240,6 +247,7 @@ def main():
             id=dict(type="str", required=True),
             state=dict(type="str", default="concluded",
                        choices=["concluded", "ready", "completed", "cancelled", "paused", "running", "absent"]),
+            force=dict(type="bool", default=True),
         ),
     )
     wanted = qm.params["state"]

@@ -1,0 +1,186 @@
+# -*- coding: utf-8 -*-
+# Copyright: contributors to the qemu.qmp collection
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Live migration: capabilities, parameters, listening, migrating, following.
+
+Parameter names follow the running QEMU: `migrate-set-parameters` where it
+has the parameter, the older single-purpose commands where only they exist
+(`migrate_set_speed` in bytes/s, `migrate_set_downtime` in seconds).
+"""
+
+from __future__ import annotations
+
+import time
+
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPTimeoutError
+
+# Statuses after which nothing more happens by itself.
+FINAL = frozenset(["completed", "failed", "cancelled"])
+# Statuses of a migration under way (QEMU refuses a new `migrate` then).
+ACTIVE = frozenset(["setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
+                    "pre-switchover", "device", "wait-unplug", "cancelling", "colo"])
+MIGRATION_EVENTS = ("MIGRATION", "MIGRATION_PASS")
+
+# Parameter -> (legacy command, conversion from the parameter's unit), for QEMUs without it.
+_LEGACY = {
+    "max-bandwidth": ("migrate_set_speed", lambda v: int(v)),
+    "downtime-limit": ("migrate_set_downtime", lambda v: float(v) / 1000.0),  # ms -> seconds
+    "xbzrle-cache-size": ("migrate-set-cache-size", lambda v: int(v)),
+}
+
+
+class MigrationError(Exception):
+    def __init__(self, message, info=None):
+        super().__init__(message)
+        self.info = info
+
+
+def read_info(qm):
+    """query-migrate, with `status` none when no migration was started."""
+    info = qm.query("query-migrate")
+    info.setdefault("status", "none")
+    return info
+
+
+def read_capabilities(qm):
+    return dict((c["capability"], c["state"]) for c in qm.query("query-migrate-capabilities"))
+
+
+def read_parameters(qm):
+    if qm.schema.has_command("query-migrate-parameters"):
+        return qm.query("query-migrate-parameters")
+    return {}
+
+
+def _same(wanted, reported):
+    if wanted is None:
+        return reported in (None, "")
+    if isinstance(reported, bool) or isinstance(wanted, bool):
+        return bool(wanted) == bool(reported)
+    if isinstance(reported, (int, float)) and not isinstance(wanted, bool):
+        try:
+            return float(wanted) == float(reported)
+        except (TypeError, ValueError):
+            return False
+    return wanted == reported
+
+
+def configure(qm, capabilities, parameters):
+    """Set the capabilities and parameters that differ; returns (before, after, changed keys)."""
+    known = qm.schema.feature("migration_capabilities") or []
+    current_caps = read_capabilities(qm)
+    unknown = [name for name in capabilities if known and name not in known]
+    if unknown:
+        raise MigrationError("this QEMU has no migration capability %s (it has: %s)"
+                             % (", ".join(sorted(unknown)), ", ".join(known)))
+    caps = [{"capability": name, "state": bool(state)} for name, state in sorted(capabilities.items())
+            if bool(current_caps.get(name)) != bool(state)]
+    current_params = read_parameters(qm)
+    params, legacy = {}, []
+    for name, value in sorted(parameters.items()):
+        if qm.schema.has_argument("migrate-set-parameters", name):
+            if name not in current_params or not _same(value, current_params.get(name)):
+                params[name] = value
+        elif name in _LEGACY and qm.schema.has_command(_LEGACY[name][0]):
+            legacy.append((name, value))  # not readable back: always set
+        else:
+            raise MigrationError("this QEMU has no migration parameter %s" % name)
+    if caps:
+        qm.change("migrate-set-capabilities", {"capabilities": caps})
+    if params:
+        qm.change("migrate-set-parameters", params)
+    for name, value in legacy:
+        command, convert = _LEGACY[name]
+        qm.change(command, {"value": convert(value)})
+    changed = [c["capability"] for c in caps] + sorted(params) + [n for n, dummy in legacy]
+    before = {"capabilities": dict((k, bool(current_caps.get(k))) for k in capabilities),
+              "parameters": dict((k, current_params.get(k)) for k in parameters)}
+    after = {"capabilities": dict((k, bool(v)) for k, v in capabilities.items()),
+             "parameters": dict(parameters)}
+    return before, after, changed
+
+
+def listening_address(info):
+    """Where a destination listens, from query-migrate's socket-address (first one)."""
+    addresses = info.get("socket-address") or []
+    return addresses[0] if addresses else None
+
+
+def uri_matches(uri, address):
+    """Whether a migration URI (unix:PATH, tcp:HOST:PORT) names the address QEMU listens on."""
+    if address is None:
+        return False
+    kind, dummy, rest = uri.partition(":")
+    if kind == "unix":
+        return address.get("type") == "unix" and address.get("path") == rest
+    if kind == "tcp":
+        host, dummy, port = rest.rpartition(":")
+        host = host.strip("[]")
+        return (address.get("type") == "inet" and str(address.get("port")) == port.split(",")[0]
+                and (host in ("", "0.0.0.0", "::") or address.get("host") == host or port == "0"))
+    return False
+
+
+def progress(info):
+    """Percent of RAM sent, rate and expected downtime, from query-migrate."""
+    ram = info.get("ram") or {}
+    total, remaining = ram.get("total") or 0, ram.get("remaining")
+    out = {
+        "status": info.get("status"),
+        "percent": round(100.0 * (total - remaining) / total, 1) if total and remaining is not None else None,
+        "transferred": ram.get("transferred"),
+        "remaining": remaining,
+        "total": total,
+        "mbps": ram.get("mbps"),
+        "passes": ram.get("dirty-sync-count"),
+        "expected_downtime": info.get("expected-downtime"),
+        "total_time": info.get("total-time"),
+        "downtime": info.get("downtime"),
+    }
+    return out
+
+
+class MigrationFollower:
+    """Waits on a migration, following MIGRATION events with polling as the fallback."""
+
+    def __init__(self, qm, poll_interval=0.5):
+        self.qm = qm
+        self.poll_interval = poll_interval
+        self.events = []
+
+    def _take_events(self, timeout):
+        try:
+            event = self.qm.client.wait_for_event(MIGRATION_EVENTS, timeout=timeout)
+        except QMPTimeoutError:
+            return
+        self.events.append(event)
+        while True:
+            more = self.qm.client.take_event(lambda e: e.get("event") in MIGRATION_EVENTS)
+            if more is None:
+                return
+            self.events.append(more)
+
+    def passes(self):
+        return max([e.get("data", {}).get("pass", 0) for e in self.events if e["event"] == "MIGRATION_PASS"] or [0])
+
+    def wait(self, until, timeout, on_poll=None):
+        """Poll query-migrate until `until(info)` or a final status; returns (info, reached)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = read_info(self.qm)
+            if on_poll is not None:
+                on_poll(info)
+            if info["status"] in FINAL or until(info):
+                return info, True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return info, False
+            self._take_events(min(self.poll_interval, remaining))
+
+    def settled(self, info):
+        """QEMU 7.2 can report `completed` before it filled in its times: ask again briefly."""
+        deadline = time.monotonic() + 3
+        while info.get("status") == "completed" and not info.get("total-time") and time.monotonic() < deadline:
+            time.sleep(0.05)
+            info = read_info(self.qm)
+        return info
