@@ -23,9 +23,9 @@ MIGRATION_EVENTS = ("MIGRATION", "MIGRATION_PASS")
 
 # Parameter -> (legacy command, conversion from the parameter's unit), for QEMUs without it.
 _LEGACY = {
-    "max-bandwidth": ("migrate_set_speed", lambda v: int(v)),
+    "max-bandwidth": ("migrate_set_speed", int),
     "downtime-limit": ("migrate_set_downtime", lambda v: float(v) / 1000.0),  # ms -> seconds
-    "xbzrle-cache-size": ("migrate-set-cache-size", lambda v: int(v)),
+    "xbzrle-cache-size": ("migrate-set-cache-size", int),
 }
 
 

@@ -261,7 +261,7 @@ def main():
             capabilities=dict(type="dict", default={}),
             parameters=dict(type="dict", default={}),
             postcopy=dict(type="bool", default=False),
-            postcopy_after_passes=dict(type="int", default=1),
+            postcopy_after_passes=dict(type="int", default=1, no_log=False),
             poll=dict(type="float", default=0),
         ),
     )
