@@ -30,11 +30,11 @@ options:
       - V(incoming) makes a destination started with C(-incoming defer) listen on O(uri). One that already
         listens there is unchanged; one started without C(-incoming) fails.
       - V(completed) starts the migration to O(uri) unless one is under way, and waits until it completes, fails,
-        or O(timeout) passes. One that already completed is unchanged. A migration paused before switch-over
+        or O(timeout) passes. One that already completed (this QEMU in run state C(postmigrate)) is unchanged. A migration paused before switch-over
         (capability V(pause-before-switchover)) is continued.
       - V(started) starts the migration unless one is under way, waits up to O(poll) seconds, and reports its
         progress without waiting for the end; it reports RV(finished) when the migration ended or reached
-        V(pre-switchover).
+        V(pre-switchover), where it leaves it waiting for V(completed).
       - V(cancelled) cancels a migration under way; none is unchanged. The source VM goes on running.
     type: str
     choices: [configured, incoming, completed, started, cancelled]
@@ -211,19 +211,23 @@ class Migration:
         self.was_running = None
         self.postcopy_started = False
 
-    def start_or_continue(self, info):
-        """Start a migration unless one is under way; continue one paused before switch-over."""
+    def start_or_continue(self, info, switch_over):
+        """Start a migration unless one is under way; continue one paused before switch-over if asked."""
         status = info["status"]
         if status == "pre-switchover":
-            self.qm.change("migrate-continue", {"state": "pre-switchover"})
-            return True
-        if status in ACTIVE or status == "completed":
-            return False  # under way, or done: the VM already runs on the destination
+            if switch_over:
+                self.qm.change("migrate-continue", {"state": "pre-switchover"})
+            return
+        if status in ACTIVE:
+            return
+        run_state = read_status(self.qm.query)
+        if status == "completed" and run_state["status"] == "postmigrate":
+            return  # done: the VM already runs on the destination
+        # Any other `completed` is stale: this QEMU received the VM itself, or resumed after sending it.
         if self.qm.params["postcopy"] and not self._capability("postcopy-ram"):
             self.qm.fail("postcopy needs the postcopy-ram capability on both sides (state=configured)")
-        self.was_running = read_status(self.qm.query)["running"]
+        self.was_running = run_state["running"]
         self.qm.change("migrate", {"uri": require_uri(self.qm)})
-        return True
 
     def _capability(self, name):
         return any(c["capability"] == name and c["state"] for c in self.qm.query("query-migrate-capabilities"))
@@ -284,7 +288,7 @@ def main():
                 qm.exit(info=info, source_status=read_status(qm.query)["status"],
                         before={"status": info["status"]}, after={"status": "cancelled"})
             migration = Migration(qm)
-            migration.start_or_continue(info)
+            migration.start_or_continue(info, switch_over=state == "completed")
             if qm.check_mode:
                 qm.exit(info=info, progress=progress(info), events=[], finished=False,
                         before={"status": info["status"]}, after={"status": "completed"})

@@ -115,6 +115,20 @@ def test_guest_keeps_counting_on_the_destination(pair, ansible):
     assert gap <= 0.5 + info["downtime"] / 1000.0 + 0.5, (gap, info["downtime"])
 
 
+def test_a_destination_migrates_on(vm_factory, pair, workdir, ansible):
+    """A QEMU that received the VM reports the incoming migration as `completed`: that is no outgoing one."""
+    source, dest, uri = pair
+    ansible.run("qmp_migrate", {"socket": dest.socket, "state": "incoming", "uri": uri}, vm=dest)
+    ansible.run("qmp_migrate", migrate_args(source, uri), vm=source)
+    assert dest.qmp("query-migrate")["status"] == "completed" and dest.status() == "running"
+    third = vm_factory("third", guest=True, paused=False, args=["-incoming", "defer"])
+    uri3 = "unix:" + os.path.join(workdir, "third.sock")
+    ansible.run("qmp_migrate", {"socket": third.socket, "state": "incoming", "uri": uri3}, vm=third)
+    records = ansible.four_ways("qmp_migrate", migrate_args(dest, uri3), vm=dest)
+    assert changed_flags(records) == [True, True, False, False]
+    assert dest.status() == "postmigrate" and third.status() == "running"
+
+
 def test_wrong_uri_leaves_the_source_running(pair, ansible):
     source, dummy, uri = pair
     result = ansible.run("qmp_migrate", migrate_args(source, uri + ".nobody"), vm=source)
