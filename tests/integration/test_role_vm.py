@@ -202,3 +202,24 @@ def test_socket_of_another_qemu(ansible, workdir):
             assert client.execute("query-name") == {"name": "other"}
     finally:
         other.kill()
+
+
+def test_two_vms_in_one_play_each_get_their_own_files(ansible, workdir):
+    """Nothing the role publishes for one VM leaks into the next VM's definition."""
+    base = RoleVM(ansible, workdir).vars
+    base.pop("vm_extra_qmp_socket")
+    tasks = []
+    for name in ("first", "second"):
+        tasks += [{"name": "start " + name, "ansible.builtin.include_role": {"name": "qemu.qmp.vm"},
+                   "vars": {"vm_name": name}},
+                  {"name": "result " + name, "ansible.builtin.debug": {"var": "vm_result"}}]
+    tasks += [{"name": "stop " + name, "ansible.builtin.include_role": {"name": "qemu.qmp.vm"},
+               "vars": {"vm_name": name, "vm_state": "absent", "vm_shutdown_timeout": 0}} for name in ("first", "second")]
+    play = [{"hosts": "localhost", "gather_facts": False, "vars": base, "tasks": tasks}]
+    records, proc = ansible.playbook(json.dumps(play))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    results = dict((r["task"].split()[1], r["result"]["vm_result"]) for r in records if r["task"].startswith("result "))
+    assert results["first"]["qmp_socket"] == os.path.join(base["vm_run_dir"], "first.qmp")
+    assert results["second"]["qmp_socket"] == os.path.join(base["vm_run_dir"], "second.qmp")
+    assert results["first"]["pid"] != results["second"]["pid"]
+    assert os.listdir(base["vm_run_dir"]) == [] or all(f.endswith(".serial.log") for f in os.listdir(base["vm_run_dir"]))
