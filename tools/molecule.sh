@@ -3,6 +3,8 @@
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 export QMP_TEST_GUEST="${QMP_TEST_GUEST:-$top/.cache/guest}"
+# The migrate scenario upgrades its VM to this QEMU by migration.
+export QMP_UPGRADE_QEMU="${QMP_UPGRADE_QEMU:-$top/.cache/qemu10/bin/qemu-system-x86_64}"
 status=0
 for role_dir in "$top"/roles/*/; do
     [ -d "$role_dir/molecule" ] || continue
