@@ -56,9 +56,10 @@ bench: bootstrap
 	python bench/qmp_round_trip.py
 	python bench/module_overhead.py
 	python bench/backup_throughput.py
+	python bench/migration_time.py 3
 
 demo: bootstrap
-	ansible-playbook -i localhost, playbooks/demo.yml
+	ansible-playbook -i localhost, playbooks/demo.yml -e demo_upgrade_qemu_binary=$(QEMU_10)
 
 clean:
 	rm -rf build tests/output
