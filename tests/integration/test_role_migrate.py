@@ -308,8 +308,8 @@ def test_a_vm_that_does_not_run_is_refused(guest):
     assert any("does not run on localhost: cannot connect" in m for m in outcome["failed"]), outcome["failed"]
 
 
-def test_the_same_qemu_is_left_alone_unless_forced(guest):
-    vm = guest()
+def test_the_same_qemu_is_left_alone_unless_forced(guest, workdir):
+    vm = guest(disks=[{"path": make_image(os.path.join(workdir, "disk0.qcow2"), "16M"), "node_name": "disk0"}])
     vm.start()
     pid = vm.pid()
     for check in (True, False):
@@ -318,3 +318,7 @@ def test_the_same_qemu_is_left_alone_unless_forced(guest):
         assert outcome["result"]["status"] == "unchanged"
         assert any("nothing to migrate" in (m or "") for m in outcome["debug"])
     assert vm.qemus() == [pid]
+    # Copied storage on the same host needs another folder: refused before anything starts.
+    outcome = vm.migrate(migrate_storage="copy")
+    assert outcome["rc"] != 0 and any("onto itself" in m for m in outcome["failed"]), outcome["failed"]
+    assert vm.qemus() == [pid] and vm.qmp("query-status")["status"] == "running"
