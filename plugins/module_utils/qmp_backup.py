@@ -156,15 +156,23 @@ class BackupRun:
                 "node": disk["node"], "target": self.export_bitmap, "bitmaps": [self.bitmap]}})
         return actions
 
+    def _anchor_actions(self, disk):
+        """The new chain's bitmaps on one disk, as transaction actions."""
+        actions = []
+        for anchor in self.anchors:
+            data = {"node": disk["node"], "name": anchor}
+            if self.anchor_persistent:
+                data["persistent"] = True
+            if self.anchor_granularity:
+                data["granularity"] = self.anchor_granularity
+            actions.append({"type": "block-dirty-bitmap-add", "data": data})
+        return actions
+
     def start_pull(self):
         """Anchors, frozen bitmaps and the fleece jobs, all at one instant."""
         actions = []
         for disk in self.disks:
-            for anchor in self.anchors:
-                data = {"node": disk["node"], "name": anchor}
-                if self.anchor_persistent:
-                    data["persistent"] = True
-                actions.append({"type": "block-dirty-bitmap-add", "data": data})
+            actions.extend(self._anchor_actions(disk))
             actions.extend(self._pull_actions(disk))
             actions.append({"type": "blockdev-backup", "data": {
                 "job-id": disk["job_id"], "device": disk["node"], "target": disk["target"], "sync": "none",
@@ -211,15 +219,7 @@ class BackupRun:
         if self.anchors:
             # Added just before the backup: a write in between is copied again
             # by the next backup, never missed.
-            actions = []
-            for disk in self.disks:
-                for anchor in self.anchors:
-                    data = {"node": disk["node"], "name": anchor}
-                    if self.anchor_persistent:
-                        data["persistent"] = True
-                    if self.anchor_granularity:
-                        data["granularity"] = self.anchor_granularity
-                    actions.append({"type": "block-dirty-bitmap-add", "data": data})
+            actions = [a for disk in self.disks for a in self._anchor_actions(disk)]
             self.qm.change("transaction", {"actions": actions})
         arguments = {"actions": [{"type": "blockdev-backup", "data": self._job_arguments(d)} for d in self.disks]}
         if self.qm.schema.feature("transaction_completion_mode"):

@@ -197,3 +197,18 @@ def test_started_then_completed_reports_progress(disk_vm, workdir, ansible):
     done = ansible.run("qmp_backup", dict(args, state="completed"), vm=vm)
     assert done["started"] is False and done["finished"] is True and done["changed"] is True
     assert done["disks"][0]["result"] == "success" and vm.jobs() == {}
+
+
+def test_pull_mode_anchors_get_their_granularity(disk_vm, workdir, ansible):
+    vm = disk_vm
+    overlay = create_target(os.path.join(workdir, "fleece.qcow2"), 64 * MiB, backing=os.path.join(workdir, "disk0.qcow2"))
+    vm.qmp("blockdev-add", {"driver": "qcow2", "node-name": "fleece0", "backing": "disk0",
+                            "file": {"driver": "file", "filename": overlay}})
+    args = {"socket": vm.socket, "mode": "full", "pull": True, "anchor_bitmaps": ["chain"],
+            "anchor_granularity": 131072, "disks": [{"node": "disk0", "target": "fleece0", "job_id": "pull0"}]}
+    started = ansible.run("qmp_backup", dict(args, state="started"), vm=vm)
+    assert started["_status"] == "ok", started
+    assert vm.bitmaps()[("disk0", "chain")]["granularity"] == 131072
+    stopped = ansible.run("qmp_backup", dict(args, state="completed", pulled=True), vm=vm)
+    assert stopped["_status"] == "ok", stopped
+    assert vm.jobs() == {} and vm.bitmaps()[("disk0", "chain")]["granularity"] == 131072
