@@ -37,7 +37,6 @@ from ansible_collections.qemu.qmp.tests.unit.plugins.module_utils.fake_qmp impor
     GREETING,
     FakeQMPServer,
     event_message,
-    short_socket_dir,
 )
 
 # Long enough never to be hit by a passing test, short enough to fail fast.
@@ -48,34 +47,6 @@ SHORT = 0.3
 SLACK = 1.0
 
 VERSION = {"major": 7, "minor": 2, "micro": 22, "package": "Debian 1:7.2"}
-
-
-@pytest.fixture(name="sock_dir")
-def fixture_sock_dir(tmp_path):
-    directory, cleanup = short_socket_dir(tmp_path)
-    yield directory
-    if cleanup is not None:
-        cleanup()
-
-
-@pytest.fixture(name="sock_path")
-def fixture_sock_path(sock_dir):
-    return os.path.join(sock_dir, "qmp.sock")
-
-
-@pytest.fixture(name="serve")
-def fixture_serve(sock_path):
-    """serve(**kwargs) starts a FakeQMPServer on sock_path; stopped after the test."""
-    servers = []
-
-    def start(**kwargs):
-        server = FakeQMPServer(sock_path, **kwargs).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 def never_answer(_session, _message):

@@ -10,7 +10,6 @@ left in the channel until the agent echoes that token.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 
@@ -20,10 +19,6 @@ from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import (
     QMPClient,
     QMPConnectError,
     QMPConnectionClosed,
-)
-from ansible_collections.qemu.qmp.tests.unit.plugins.module_utils.fake_qmp import (
-    FakeQMPServer,
-    short_socket_dir,
 )
 
 # Long enough never to be hit by a passing test, short enough to fail fast.
@@ -46,33 +41,14 @@ STALE = [
 ]
 
 
-@pytest.fixture(name="sock_dir")
-def fixture_sock_dir(tmp_path):
-    directory, cleanup = short_socket_dir(tmp_path)
-    yield directory
-    if cleanup is not None:
-        cleanup()
-
-
-@pytest.fixture(name="sock_path")
-def fixture_sock_path(sock_dir):
-    return os.path.join(sock_dir, "qga.sock")
-
-
 @pytest.fixture(name="agent")
-def fixture_agent(sock_path):
-    """agent(**kwargs) starts a FakeQMPServer without greeting on sock_path; stopped after the test."""
-    servers = []
+def fixture_agent(serve):
+    """agent(**kwargs) starts a FakeQMPServer without greeting, as qemu-ga is; stopped after the test."""
 
     def start(**kwargs):
         kwargs.setdefault("greeting", None)
-        server = FakeQMPServer(sock_path, **kwargs).start()
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+        return serve(**kwargs)
+    return start
 
 
 def echo_sync(session, message):
