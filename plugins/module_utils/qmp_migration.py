@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPTimeoutError
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_state import read_status
 
 # Statuses after which nothing more happens by itself.
 FINAL = frozenset(["completed", "failed", "cancelled"])
@@ -184,3 +185,90 @@ class MigrationFollower:
             time.sleep(0.05)
             info = read_info(self.qm)
         return info
+
+
+def ensure_incoming(qm, uri):
+    """Make a destination started with -incoming defer listen on `uri`; returns (info, address)."""
+    info = read_info(qm)
+    address = listening_address(info)
+    if address is not None:
+        if not uri_matches(uri, address):
+            qm.fail("the destination already listens on %s, not %s; a destination listens once"
+                    % (address, uri), listening=address)
+        return info, address
+    status = read_status(qm.query)["status"]
+    if status != "inmigrate":
+        qm.fail("QEMU is not waiting for an incoming migration (status %s): start it with -incoming defer"
+                % status)
+    qm.change("migrate-incoming", {"uri": uri})
+    if qm.check_mode:
+        return info, None
+    info = read_info(qm)
+    return info, listening_address(info)
+
+
+def cancel(qm, info):
+    """Cancel the migration under way, if any, and wait until it ended; returns the newest info."""
+    if info["status"] in ACTIVE and info["status"] != "cancelling":
+        qm.change("migrate_cancel")
+        if not qm.check_mode:
+            info, dummy = MigrationFollower(qm).wait(lambda i: False, qm.timeout)
+    return info
+
+
+class Migration:
+    """Start, follow and finish the outgoing migration of the VM behind the socket."""
+
+    def __init__(self, qm, uri, postcopy=False, postcopy_after_passes=1):
+        self.qm = qm
+        self.uri = uri
+        self.postcopy = postcopy
+        self.postcopy_after_passes = postcopy_after_passes
+        self.follower = MigrationFollower(qm)
+        self.was_running = None
+        self.postcopy_started = False
+
+    def start_or_continue(self, info, switch_over):
+        """Start a migration unless one is under way; continue one paused before switch-over if asked."""
+        status = info["status"]
+        if status == "pre-switchover":
+            if switch_over:
+                self.qm.change("migrate-continue", {"state": "pre-switchover"})
+            return
+        if status in ACTIVE:
+            return
+        run_state = read_status(self.qm.query)
+        if status == "completed" and run_state["status"] == "postmigrate":
+            return  # done: the VM already runs on the destination
+        # Any other `completed` is stale: this QEMU received the VM itself, or resumed after sending it.
+        if not self.uri:
+            self.qm.fail("uri is required to start a migration")
+        if self.postcopy and not self._capability("postcopy-ram"):
+            self.qm.fail("postcopy needs the postcopy-ram capability on both sides (state=configured)")
+        self.was_running = run_state["running"]
+        self.qm.change("migrate", {"uri": self.uri})
+
+    def _capability(self, name):
+        return any(c["capability"] == name and c["state"] for c in self.qm.query("query-migrate-capabilities"))
+
+    def _maybe_postcopy(self, info):
+        if (self.postcopy and not self.postcopy_started and info["status"] == "active"
+                and (self.follower.passes() >= self.postcopy_after_passes + 1
+                     or (info.get("ram") or {}).get("dirty-sync-count", 0) > self.postcopy_after_passes)):
+            self.qm.change("migrate-start-postcopy")
+            self.postcopy_started = True
+
+    def follow(self, timeout, stop_at_switchover):
+        def until(info):
+            return stop_at_switchover and info["status"] == "pre-switchover"
+        info, reached = self.follower.wait(until, timeout, on_poll=self._maybe_postcopy)
+        return self.follower.settled(info), reached
+
+    def fail_with(self, info, reason):
+        """Fail, leaving the source running as it was before the migration."""
+        status = read_status(self.qm.query)
+        if self.was_running and not status["running"] and status["status"] not in ("postmigrate", "shutdown"):
+            self.qm.change("cont")
+            status = read_status(self.qm.query)
+        self.qm.fail(reason, info=info, source_status=status["status"], events=self.follower.events,
+                     progress=progress(info))

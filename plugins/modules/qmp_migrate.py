@@ -162,15 +162,14 @@ qmp_error:
 """
 
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_migration import (
-    ACTIVE,
     FINAL,
+    Migration,
     MigrationError,
-    MigrationFollower,
+    cancel,
     configure,
-    listening_address,
+    ensure_incoming,
     progress,
     read_info,
-    uri_matches,
 )
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_state import read_status
@@ -180,80 +179,6 @@ def require_uri(qm):
     if not qm.params["uri"]:
         qm.fail("uri is required with state=%s" % qm.params["state"])
     return qm.params["uri"]
-
-
-def ensure_incoming(qm):
-    uri = require_uri(qm)
-    info = read_info(qm)
-    address = listening_address(info)
-    if address is not None:
-        if not uri_matches(uri, address):
-            qm.fail("the destination already listens on %s, not %s; a destination listens once"
-                    % (address, uri), listening=address)
-        return info, address
-    status = read_status(qm.query)["status"]
-    if status != "inmigrate":
-        qm.fail("QEMU is not waiting for an incoming migration (status %s): start it with -incoming defer"
-                % status)
-    qm.change("migrate-incoming", {"uri": uri})
-    if qm.check_mode:
-        return info, None
-    info = read_info(qm)
-    return info, listening_address(info)
-
-
-class Migration:
-    """Start, follow and finish the outgoing migration of the VM behind the socket."""
-
-    def __init__(self, qm):
-        self.qm = qm
-        self.follower = MigrationFollower(qm)
-        self.was_running = None
-        self.postcopy_started = False
-
-    def start_or_continue(self, info, switch_over):
-        """Start a migration unless one is under way; continue one paused before switch-over if asked."""
-        status = info["status"]
-        if status == "pre-switchover":
-            if switch_over:
-                self.qm.change("migrate-continue", {"state": "pre-switchover"})
-            return
-        if status in ACTIVE:
-            return
-        run_state = read_status(self.qm.query)
-        if status == "completed" and run_state["status"] == "postmigrate":
-            return  # done: the VM already runs on the destination
-        # Any other `completed` is stale: this QEMU received the VM itself, or resumed after sending it.
-        if self.qm.params["postcopy"] and not self._capability("postcopy-ram"):
-            self.qm.fail("postcopy needs the postcopy-ram capability on both sides (state=configured)")
-        self.was_running = run_state["running"]
-        self.qm.change("migrate", {"uri": require_uri(self.qm)})
-
-    def _capability(self, name):
-        return any(c["capability"] == name and c["state"] for c in self.qm.query("query-migrate-capabilities"))
-
-    def _maybe_postcopy(self, info):
-        params = self.qm.params
-        if (params["postcopy"] and not self.postcopy_started and info["status"] == "active"
-                and (self.follower.passes() >= params["postcopy_after_passes"] + 1
-                     or (info.get("ram") or {}).get("dirty-sync-count", 0) > params["postcopy_after_passes"])):
-            self.qm.change("migrate-start-postcopy")
-            self.postcopy_started = True
-
-    def follow(self, timeout, stop_at_switchover):
-        def until(info):
-            return stop_at_switchover and info["status"] == "pre-switchover"
-        info, reached = self.follower.wait(until, timeout, on_poll=self._maybe_postcopy)
-        return self.follower.settled(info), reached
-
-    def fail_with(self, info, reason):
-        """Fail, leaving the source running as it was before the migration."""
-        status = read_status(self.qm.query)
-        if self.was_running and not status["running"] and status["status"] not in ("postmigrate", "shutdown"):
-            self.qm.change("cont")
-            status = read_status(self.qm.query)
-        self.qm.fail(reason, info=info, source_status=status["status"], events=self.follower.events,
-                     progress=progress(info))
 
 
 def main():
@@ -276,18 +201,15 @@ def main():
                 before, after, changed = configure(qm, qm.params["capabilities"], qm.params["parameters"])
                 qm.exit(changed_settings=changed, info=read_info(qm), before=before, after=after)
             if state == "incoming":
-                info, address = ensure_incoming(qm)
+                info, address = ensure_incoming(qm, require_uri(qm))
                 qm.exit(info=info, listening=address, before={"listening": None if qm.changed else address},
                         after={"listening": address or qm.params["uri"]})
             info = read_info(qm)
             if state == "cancelled":
-                if info["status"] in ACTIVE and info["status"] != "cancelling":
-                    qm.change("migrate_cancel")
-                    if not qm.check_mode:
-                        info, dummy = MigrationFollower(qm).wait(lambda i: False, qm.timeout)
+                info = cancel(qm, info)
                 qm.exit(info=info, source_status=read_status(qm.query)["status"],
                         before={"status": info["status"]}, after={"status": "cancelled"})
-            migration = Migration(qm)
+            migration = Migration(qm, qm.params["uri"], qm.params["postcopy"], qm.params["postcopy_after_passes"])
             migration.start_or_continue(info, switch_over=state == "completed")
             if qm.check_mode:
                 qm.exit(info=info, progress=progress(info), events=[], finished=False,
