@@ -34,12 +34,21 @@ options:
     type: int
   timeout:
     description:
-      - Seconds to wait for QEMU, for the connection and its greeting, for the answer to
-        each command, and for whatever the module waits on (events, jobs, the guest).
+      - Seconds to wait for QEMU, for the connection and its greeting, and for the answer to
+        each command. Unless O(wait_timeout) is set, also for whatever the module waits on
+        (events, jobs, the guest).
       - A QMP socket already used by another client accepts the connection but sends no
         greeting until that client leaves; the module waits up to O(timeout) for it.
+      - Must be more than 0 and at most 1000000000.
     type: float
     default: 30
+  wait_timeout:
+    description:
+      - Seconds a module waits for QEMU to finish what it started or follows (a job, a shutdown,
+        an unplug, a migration, an export going away).
+      - "Default: the value of O(timeout). O(timeout) alone bounds the connection and each reply."
+      - Must be more than 0 and at most 1000000000.
+    type: float
 notes:
   - The modules run on the managed host and need only Python's standard library there.
     In check mode they validate the commands they would send against the running QEMU's

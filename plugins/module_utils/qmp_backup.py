@@ -187,7 +187,7 @@ class BackupRun:
             if job is not None and job["status"] not in ENDED:
                 self.qm.change(*job_command(self.qm.schema, "cancel", job_id))
         if not self.qm.check_mode:
-            jobs, dummy = self.wait(self.qm.timeout)
+            jobs, dummy = self.wait(self.qm.wait_timeout)
         broken = [j for j in jobs.values() if j and j.get("error") and "cancel" not in j["error"].lower()]
         self.dismiss(jobs)
         existing = set((b["node"], b["name"]) for b in read_bitmaps(self.qm.query, self.qm.schema))

@@ -207,10 +207,10 @@ class ImageCreator:
             self.qm.change(*dismiss)
             return
         try:
-            jobs, dummy = self.waiter.wait_status(job_id, ("concluded",), self.qm.timeout)
+            jobs, dummy = self.waiter.wait_status(job_id, ("concluded",), self.qm.wait_timeout)
         except JobWaitTimeout:
-            raise BlockError("creating %s (job %s) did not finish within %gs"
-                             % (options.get("filename", self.node_name), job_id, self.qm.timeout))
+            raise BlockError("creating %s (job %s) did not finish within wait_timeout=%gs"
+                             % (options.get("filename", self.node_name), job_id, self.qm.wait_timeout))
         job = jobs[job_id]
         self.qm.change(*dismiss)
         if job and job.get("error"):

@@ -212,7 +212,7 @@ def cancel(qm, info):
     if info["status"] in ACTIVE and info["status"] != "cancelling":
         qm.change("migrate_cancel")
         if not qm.check_mode:
-            info, dummy = MigrationFollower(qm).wait(lambda i: False, qm.timeout)
+            info, dummy = MigrationFollower(qm).wait(lambda i: False, qm.wait_timeout)
     return info
 
 

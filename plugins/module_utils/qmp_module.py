@@ -13,6 +13,7 @@ client error into one plain `fail_json`.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 
 from ansible.module_utils.basic import AnsibleModule
@@ -30,6 +31,9 @@ from ansible_collections.qemu.qmp.plugins.module_utils.qmp_schema import (
 
 SOCKET_ENV = "QMP_SOCKET"
 
+# Python's sockets refuse timeouts much beyond this (about 292 years of nanoseconds).
+MAX_TIMEOUT = 1e9
+
 # Commands that only read state: they run in check mode and never count as a change.
 _READ_ONLY_PREFIXES = ("query-", "x-query-", "x-debug-query-", "guest-get-")
 _READ_ONLY_GUEST_AGENT = frozenset(["guest-info", "guest-ping", "guest-sync", "guest-fsfreeze-status"])
@@ -46,7 +50,19 @@ def connection_argument_spec():
         host=dict(type="str"),
         port=dict(type="int"),
         timeout=dict(type="float", default=30.0),
+        wait_timeout=dict(type="float"),
     )
+
+
+def timeout_error(option, value):
+    """Why `value` cannot be the timeout option `option`, or None when it can."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if 0 < seconds <= MAX_TIMEOUT:  # False for nan too
+        return None
+    return "%s must be a number of seconds, more than 0 and at most %d, not %r" % (option, MAX_TIMEOUT, value)
 
 
 def _is_loopback(host):
@@ -84,6 +100,19 @@ class QMPModule:
         self.changed = False
         self._schema = None
         self._validation_warned = False
+        # Checked before any socket sees them: sockets refuse such values with bare Python errors.
+        for option in ("timeout", "wait_timeout"):
+            if option == "wait_timeout" and self.params[option] is None:
+                continue  # unset: waits use timeout
+            error = timeout_error(option, self.params[option])
+            if error:
+                self.fail(error)
+
+    @property
+    def wait_timeout(self):
+        """Seconds to wait for what the module started or follows in QEMU (jobs, events, the guest)."""
+        wait_timeout = self.params["wait_timeout"]
+        return self.timeout if wait_timeout is None else wait_timeout
 
     # -- connection -------------------------------------------------------
 
@@ -191,7 +220,7 @@ class QMPModule:
 
     def wait_for_event(self, names, match=None, timeout=None):
         return self.client.wait_for_event(names, match=match,
-                                          timeout=self.timeout if timeout is None else timeout)
+                                          timeout=self.wait_timeout if timeout is None else timeout)
 
     # -- results ----------------------------------------------------------
 
@@ -208,13 +237,21 @@ class QMPModule:
         self.module.fail_json(msg=msg, **result)
 
     def fail_from(self, exc):
-        """The single place where client errors become a failed result."""
-        result = {}
-        if isinstance(exc, QMPCommandError):
-            result["qmp_error"] = {"class": exc.error_class, "desc": exc.desc}
-        if isinstance(exc, QMPConnectError):
-            result["qmp_address"] = exc.address
-        self.fail(str(exc), **result)
+        """The single place where the collection's errors become a failed result."""
+        msg, result = error_result(exc)
+        self.fail(msg, **result)
+
+
+def error_result(exc):
+    """(msg, fields) of a failed result for any of the collection's errors (QMPError and its family):
+    QEMU's own error class and text, the address that could not be reached, and the details an engine
+    error carries (the disks, the file that is damaged, ...)."""
+    result = dict(getattr(exc, "details", None) or {})
+    if isinstance(exc, QMPCommandError):
+        result["qmp_error"] = {"class": exc.error_class, "desc": exc.desc}
+    if isinstance(exc, QMPConnectError):
+        result["qmp_address"] = exc.address
+    return str(exc), result
 
 
 class _Connection:

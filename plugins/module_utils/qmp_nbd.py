@@ -12,7 +12,7 @@ run, and with a missing-bitmap error otherwise.
 
 from __future__ import annotations
 
-from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPCommandError
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPCommandError, QMPTimeoutError
 
 _PROBE_ID = "qemu.qmp-probe"
 _PROBE_BITMAP = "qemu.qmp-no-such-bitmap"
@@ -103,6 +103,10 @@ def remove_export(qm, name, force=False):
     if qm.schema.has_command("block-export-del"):
         qm.change("block-export-del", {"id": name, "mode": "hard" if force else "safe"})
         if not qm.check_mode:
-            qm.wait_for_event("BLOCK_EXPORT_DELETED", {"id": name})
+            try:
+                qm.wait_for_event("BLOCK_EXPORT_DELETED", {"id": name})
+            except QMPTimeoutError:
+                qm.fail("export %s did not go away within wait_timeout=%gs: QEMU is still finishing its "
+                        "requests, and removes it when they are done" % (name, qm.wait_timeout))
     else:
         qm.change("nbd-server-remove", {"name": name, "mode": "hard" if force else "safe"})

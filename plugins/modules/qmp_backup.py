@@ -78,7 +78,7 @@ options:
     type: int
   state:
     description:
-      - V(completed) starts the backup (unless its jobs already exist), waits up to O(timeout) seconds until
+      - V(completed) starts the backup (unless its jobs already exist), waits up to O(wait_timeout) seconds until
         every job ended, dismisses the jobs, and fails with QEMU's error when a job failed.
       - V(started) starts the backup (unless its jobs already exist), waits up to O(poll) seconds, and reports
         each disk's progress without finishing. Run it again to follow the backup, then run the module with
@@ -126,8 +126,8 @@ attributes:
     description: A backup has no before and after to show.
     support: none
 notes:
-  - O(timeout) with O(state=completed) is how long the module waits for the jobs. When it passes, the module
-    fails and the backup goes on; run it again to wait longer.
+  - O(wait_timeout) (by default O(timeout)) with O(state=completed) is how long the module waits for the jobs.
+    When it passes, the module fails and the backup goes on; run it again to wait longer.
 author:
   - qemu.qmp maintainers (@qemu-qmp)
 """
@@ -284,10 +284,10 @@ def main():
                 jobs, ended = run.wait(params["poll"])
                 result["finished"] = ended
                 qm.exit(disks=run.report(jobs, time.monotonic() - begin, before), **result)
-            jobs, ended = run.wait(qm.timeout)
+            jobs, ended = run.wait(qm.wait_timeout)
             if not ended:
-                qm.fail("the backup did not end within %gs; it goes on (run this again to wait longer)"
-                        % qm.timeout, disks=run.report(jobs), **result)
+                qm.fail("the backup did not end within wait_timeout=%gs; it goes on (run this again to wait "
+                        "longer)" % qm.wait_timeout, disks=run.report(jobs), **result)
             result["disks"] = run.finish(jobs)
             result["finished"] = True
         except BackupError as exc:

@@ -51,6 +51,7 @@ options:
     description:
       - Create the image file first when it does not exist yet, through C(blockdev-create) jobs (a
         C(file) job, then one for the format), so a target can be made where QMP is the only way in.
+        The module waits up to O(wait_timeout) seconds for each job.
       - Needs C(file) in O(options) to be a file definition (a dictionary with C(driver=file) and C(filename)), or
         C(driver=file) in O(options) with C(filename).
       - To tell whether the file exists, QEMU opens it read-only and unlocked for a moment through a

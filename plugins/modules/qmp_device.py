@@ -48,7 +48,7 @@ options:
     description:
       - V(present) plugs the device in when QEMU has none with that id. An existing device with the same
         driver, bus and properties is unchanged; any difference fails, naming it, unless O(recreate) is set.
-      - V(absent) asks QEMU to unplug it and waits up to O(timeout) seconds for QEMU's C(DEVICE_DELETED)
+      - V(absent) asks QEMU to unplug it and waits up to O(wait_timeout) seconds for QEMU's C(DEVICE_DELETED)
         event. PCI devices need the guest's cooperation (a running guest OS that handles hot-plug);
         when the guest does not release the device in time, the module fails saying so, and QEMU keeps
         the unplug request pending (running the module again waits again).
@@ -93,7 +93,7 @@ EXAMPLES = r"""
     socket: /run/qemu/vm1.qmp
     id: vdisk1
     state: absent
-    timeout: 120
+    wait_timeout: 120
 """
 
 RETURN = r"""
@@ -177,9 +177,9 @@ def unplug(qm, device_id):
     try:
         qm.wait_for_event("DEVICE_DELETED", {"device": device_id})
     except QMPTimeoutError:
-        qm.fail("the guest did not release device %s within %gs: unplugging a PCI device needs the guest's "
-                "cooperation (a running guest OS that handles hot-plug). QEMU keeps the request pending; "
-                "run this again to wait longer" % (device_id, qm.timeout),
+        qm.fail("the guest did not release device %s within wait_timeout=%gs: unplugging a PCI device needs "
+                "the guest's cooperation (a running guest OS that handles hot-plug). QEMU keeps the request "
+                "pending; run this again to wait longer" % (device_id, qm.wait_timeout),
                 waited=round(time.monotonic() - start, 3))
     return round(time.monotonic() - start, 3)
 

@@ -50,8 +50,8 @@ options:
     type: bool
     default: true
 notes:
-  - O(timeout) is how long the module waits for the job. When it passes, the module fails and
-    the job goes on; run the module again to wait longer.
+  - O(wait_timeout) (by default O(timeout)) is how long the module waits for the job. When it passes,
+    the module fails and the job goes on; run the module again to wait longer.
 author:
   - qemu.qmp maintainers (@qemu-qmp)
 """
@@ -62,7 +62,7 @@ EXAMPLES = r"""
     socket: /run/qemu/vm1.qmp
     id: backup-disk0
     state: concluded
-    timeout: 3600
+    wait_timeout: 3600
   register: backup_job
 
 - name: Show how much it copied
@@ -164,13 +164,13 @@ class JobPlan:
         if self.qm.check_mode:
             return self.read()  # waiting changes nothing; check mode only reports
         try:
-            jobs, waited = self.waiter.wait_status(self.job_id, statuses, self.qm.timeout)
+            jobs, waited = self.waiter.wait_status(self.job_id, statuses, self.qm.wait_timeout)
         except JobWaitTimeout as exc:
             self.waited = exc.waited
             job = exc.jobs[self.job_id]
-            self.fail("job %s did not reach %s within %gs (it is %s%s); it goes on"
+            self.fail("job %s did not reach %s within wait_timeout=%gs (it is %s%s); it goes on"
                       % (self.job_id, "concluded" if statuses == ENDED else "/".join(sorted(statuses)),
-                         self.qm.timeout, job["status"], _progress_text(job)), job)
+                         self.qm.wait_timeout, job["status"], _progress_text(job)), job)
         self.waited = (self.waited or 0) + waited
         return self.read()
 

@@ -30,7 +30,7 @@ options:
       - V(incoming) makes a destination started with C(-incoming defer) listen on O(uri). One that already
         listens there is unchanged; one started without C(-incoming) fails.
       - V(completed) starts the migration to O(uri) unless one is under way, and waits until it completes, fails,
-        or O(timeout) passes. One that already completed (this QEMU in run state C(postmigrate)) is unchanged. A migration paused before switch-over
+        or O(wait_timeout) passes. One that already completed (this QEMU in run state C(postmigrate)) is unchanged. A migration paused before switch-over
         (capability V(pause-before-switchover)) is continued.
       - V(started) starts the migration unless one is under way, waits up to O(poll) seconds, and reports its
         progress without waiting for the end; it reports RV(finished) when the migration ended or reached
@@ -73,8 +73,9 @@ options:
 notes:
   - A failed migration fails the module with QEMU's C(error-desc) and leaves the source VM running (the module
     resumes it if QEMU left it paused).
-  - O(timeout) is how long the module waits for the migration. When it passes, the module fails and the
-    migration goes on; cancel it with O(state=cancelled).
+  - O(wait_timeout) (by default O(timeout)) is how long the module waits for the migration, and for a
+    cancelled one to end. When it passes, the module fails and the migration goes on; cancel it with
+    O(state=cancelled).
 author:
   - qemu.qmp maintainers (@qemu-qmp)
 """
@@ -100,7 +101,7 @@ EXAMPLES = r"""
   qemu.qmp.qmp_migrate:
     socket: /run/qemu/vm1.qmp
     uri: unix:/run/qemu/vm1.migrate
-    timeout: 600
+    wait_timeout: 600
   register: migration
 
 - name: Show how it went
@@ -220,11 +221,11 @@ def main():
                 if info["status"] == "failed":
                     migration.fail_with(info, "the migration failed: %s" % info.get("error-desc", "no reason given"))
                 qm.exit(info=info, progress=progress(info), events=migration.follower.events, finished=finished)
-            info, reached = migration.follow(qm.timeout, stop_at_switchover=False)
+            info, reached = migration.follow(qm.wait_timeout, stop_at_switchover=False)
             if not reached:
-                qm.fail("the migration did not complete within %gs (it is %s); it goes on, cancel it with "
-                        "state=cancelled" % (qm.timeout, info["status"]), info=info, progress=progress(info),
-                        events=migration.follower.events)
+                qm.fail("the migration did not complete within wait_timeout=%gs (it is %s); it goes on, "
+                        "cancel it with state=cancelled" % (qm.wait_timeout, info["status"]),
+                        info=info, progress=progress(info), events=migration.follower.events)
             if info["status"] != "completed":
                 migration.fail_with(info, "the migration %s: %s" % (
                     info["status"], info.get("error-desc", "no reason given")))

@@ -26,11 +26,11 @@ options:
       - V(paused) stops the guest's CPUs (C(stop)). A guest already not running (paused,
         started with C(-S), after an outgoing migration) is unchanged.
       - V(shutdown) presses the guest's ACPI power button (C(system_powerdown)) and waits up to
-        O(timeout) seconds until the guest powers off. It fails, leaving the VM running, when
+        O(wait_timeout) seconds until the guest powers off. It fails, leaving the VM running, when
         the guest ignores the request. A paused guest cannot answer, so that fails at once.
         A QEMU that is not running any more (its socket is gone or refuses connections) is unchanged.
-      - V(absent) quits QEMU at once (C(quit)), like pulling the plug, and waits until it has
-        closed the connection. Already gone is unchanged.
+      - V(absent) quits QEMU at once (C(quit)), like pulling the plug, and waits up to O(wait_timeout)
+        seconds until it has closed the connection. Already gone is unchanged.
     type: str
     choices: [running, paused, shutdown, absent]
     required: true
@@ -53,7 +53,7 @@ EXAMPLES = r"""
   qemu.qmp.qmp_vm:
     socket: /run/qemu/vm1.qmp
     state: shutdown
-    timeout: 120
+    wait_timeout: 120
 
 - name: Quit QEMU, whatever the guest is doing
   qemu.qmp.qmp_vm:
@@ -149,13 +149,13 @@ def ensure_shutdown(qm, status):
     if qm.check_mode:
         return None
     start = time.monotonic()
-    deadline = start + qm.timeout
+    deadline = start + qm.wait_timeout
     try:
-        qm.wait_for_event("SHUTDOWN", timeout=qm.timeout)
+        qm.wait_for_event("SHUTDOWN", timeout=qm.wait_timeout)
     except QMPTimeoutError:
-        qm.fail("the guest did not power down within %gs: it ignored the ACPI power-button request "
-                "(no OS yet, or no ACPI handling). The VM is still running; use state=absent to quit "
-                "QEMU" % qm.timeout, waited=round(time.monotonic() - start, 3))
+        qm.fail("the guest did not power down within wait_timeout=%gs: it ignored the ACPI power-button "
+                "request (no OS yet, or no ACPI handling). The VM is still running; use state=absent to "
+                "quit QEMU" % qm.wait_timeout, waited=round(time.monotonic() - start, 3))
     except QMPConnectionClosed:
         return round(time.monotonic() - start, 3)
     # QEMU exits after the guest powers off unless it runs with -no-shutdown.
@@ -168,8 +168,8 @@ def ensure_absent(qm):
     if qm.check_mode:
         return None
     start = time.monotonic()
-    if not wait_until_gone(qm, start + qm.timeout):
-        qm.fail("QEMU accepted quit but did not exit within %gs" % qm.timeout)
+    if not wait_until_gone(qm, start + qm.wait_timeout):
+        qm.fail("QEMU accepted quit but did not exit within wait_timeout=%gs" % qm.wait_timeout)
     return round(time.monotonic() - start, 3)
 
 

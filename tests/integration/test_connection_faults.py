@@ -109,6 +109,16 @@ def test_busy_socket(vm, ansible):
     assert result["status"] == "prelaunch"
 
 
+@pytest.mark.parametrize("option", ["timeout", "wait_timeout"])
+@pytest.mark.parametrize("value, shown", [(0, "0.0"), (-1, "-1.0"), ("nan", "nan"), ("inf", "inf"),
+                                          (1e300, "1e+300")])
+def test_unusable_timeouts_fail_naming_the_option(vm, ansible, option, value, shown):
+    """Values a socket cannot take fail before connecting, not in a traceback."""
+    result = _failed(ansible, {"socket": vm.socket, option: value}, 10)
+    assert result["msg"] == "%s must be a number of seconds, more than 0 and at most 1000000000, not %s" % (
+        option, shown)
+
+
 def test_no_connection_given(ansible):
     result = ansible.run("qmp_info", {"gather": ["status"]})
     assert result["_status"] == "failed"

@@ -60,15 +60,17 @@ def test_unplug_from_a_guest_that_does_not_answer(port_vm, ansible):
     vm = port_vm  # never started (-S): nothing in the guest handles the unplug request
     ansible.run("qmp_device", disk_device(vm), vm=vm)
     start = time.monotonic()
-    result = ansible.run("qmp_device", {"socket": vm.socket, "id": "vd1", "state": "absent", "timeout": 3}, vm=vm)
+    result = ansible.run("qmp_device", {"socket": vm.socket, "id": "vd1", "state": "absent", "wait_timeout": 3},
+                         vm=vm)
     elapsed = time.monotonic() - start
     assert result["_status"] == "failed"
-    assert result["msg"].startswith("the guest did not release device vd1 within 3s")
+    assert result["msg"].startswith("the guest did not release device vd1 within wait_timeout=3s")
     assert 3 <= result["waited"] < 5 and elapsed < 3 + 8
     assert "vd1" in [p["name"] for p in vm.qmp("qom-list", {"path": "/machine/peripheral"})]
-    # Running it again waits on the request QEMU still holds, and fails the same way.
+    # Running it again waits on the request QEMU still holds, and fails the same way; without
+    # wait_timeout, timeout bounds the wait.
     again = ansible.run("qmp_device", {"socket": vm.socket, "id": "vd1", "state": "absent", "timeout": 1}, vm=vm)
-    assert again["_status"] == "failed" and "did not release" in again["msg"]
+    assert again["_status"] == "failed" and "did not release device vd1 within wait_timeout=1s" in again["msg"]
 
 
 def test_unplug_with_a_linux_guest(vm_factory, ansible):

@@ -89,19 +89,33 @@ def test_pause_resume_cancel(disk_vm, ansible):
     assert result["_status"] == "failed" and result["msg"] == "job job0 failed: Operation canceled"
 
 
-def test_timeout_leaves_the_job_running(disk_vm, ansible):
+@pytest.mark.parametrize("limit", [{"timeout": 2}, {"wait_timeout": 2}])
+def test_timeout_leaves_the_job_running(disk_vm, ansible, limit):
     vm = disk_vm
     for offset in range(0, 64 * MiB, 8 * MiB):
         vm.guest_write("vdisk0", offset, MiB)
     slow_backup(vm)
-    result = ansible.run("qmp_job", job_args(vm, state="concluded", timeout=2), vm=vm)
+    result = ansible.run("qmp_job", job_args(vm, state="concluded", **limit), vm=vm)
     assert result["_status"] == "failed"
-    assert result["msg"].startswith("job job0 did not reach concluded within 2s (it is running")
+    assert result["msg"].startswith("job job0 did not reach concluded within wait_timeout=2s (it is running")
     assert 1.5 < result["waited"] < 10
     assert vm.jobs()["job0"]["status"] == "running"
     polled = [c for c in result["qmp_commands"] if c["execute"] == "query-jobs"]
     # The polls of the wait are listed once, with their count.
     assert len(polled) == 2 and polled[-1].get("repeated", 1) >= 2
+
+
+def test_wait_timeout_outlasts_timeout(disk_vm, ansible):
+    """A short timeout bounds each reply, not the wait for a job that takes longer."""
+    vm = disk_vm
+    vm.qmp("block-dirty-bitmap-add", {"node": "disk0", "name": "all"})
+    vm.guest_write("vdisk0", 0, 12 * MiB)
+    # About 6 s at 2 MiB/s: three times the timeout.
+    slow_backup(vm, sync="bitmap", bitmap="all", speed=2 * MiB, **{"bitmap-mode": "never"})
+    result = ansible.run("qmp_job", job_args(vm, state="concluded", timeout=2, wait_timeout=30), vm=vm)
+    assert result["_status"] == "ok", result
+    assert (result["job"]["status"], result["job"]["error"]) == ("concluded", None)
+    assert result["waited"] > 2
 
 
 def test_mirror_ready_then_completed(disk_vm, workdir, ansible):
