@@ -56,6 +56,7 @@ bench: bootstrap
 	python bench/qmp_round_trip.py
 	python bench/module_overhead.py
 	python bench/backup_throughput.py
+	python bench/backup_engine.py
 	python bench/migration_time.py 3
 
 demo: bootstrap

@@ -8,7 +8,7 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
 need=()
-for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils nbdinfo:libnbd-bin shellcheck:shellcheck; do
+for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils nbdinfo:libnbd-bin shellcheck:shellcheck faketime:faketime; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -29,8 +29,17 @@ for filter in "$top"/plugins/filter/*.py; do
 done
 echo "check-build: ansible-doc renders the roles and filters too"
 
+qemu-img create -q -f qcow2 "$work/disk0.qcow2" 16M
 qemu-system-x86_64 -machine q35 -accel tcg -display none -nodefaults -S \
-    -qmp "unix:$work/qmp.sock,server=on,wait=off" -pidfile "$work/qemu.pid" -daemonize
+    -qmp "unix:$work/qmp.sock,server=on,wait=off" -pidfile "$work/qemu.pid" -daemonize \
+    -blockdev "driver=file,filename=$work/disk0.qcow2,node-name=disk0-file" \
+    -blockdev "driver=qcow2,file=disk0-file,node-name=disk0" -device virtio-blk-pci,drive=disk0
 out=$(ansible localhost -m qemu.qmp.qmp_info -a "socket=$work/qmp.sock gather=version,status")
 echo "$out" | grep -q '"status": "prelaunch"' || { echo "$out" >&2; exit 1; }
 echo "check-build: qemu.qmp.qmp_info runs from the installed collection"
+# The backup engine: a module whose run goes on detached on the host, followed by its action plugin.
+out=$(ansible localhost -m qemu.qmp.qmp_backup_chain -a "socket=$work/qmp.sock dir=$work/backups/vm1 poll_interval=0.01")
+echo "$out" | grep -q '"level": "full"' || { echo "$out" >&2; exit 1; }
+out=$(ansible localhost -m qemu.qmp.qmp_backup_chain -a "dir=$work/backups/vm1 operation=verify")
+echo "$out" | grep -q '"images": 1' || { echo "$out" >&2; exit 1; }
+echo "check-build: qemu.qmp.qmp_backup_chain backs up and verifies from the installed collection"

@@ -94,11 +94,13 @@ class JobWaiter:
         # When each job was seen to end: QEMU's event timestamp where one came.
         self.ended_at = {}
 
-    def wait(self, job_ids, until, timeout):
+    def wait(self, job_ids, until, timeout, on_poll=None):
         """Wait until `until(job)` holds for every job in job_ids, or it ended.
 
         Returns ({id: job or None}, seconds waited). A job that vanished is
         None. Raises JobWaitTimeout with the last view of the jobs.
+        `on_poll(jobs)` sees each reading of the jobs while they go on (to
+        show progress, or to stop waiting by raising).
         """
         job_ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
         wanted = frozenset(job_ids)
@@ -112,6 +114,8 @@ class JobWaiter:
                     self.ended_at.setdefault(job_id, time.time())
             if all(job is None or job["status"] in ENDED or until(job) for job in jobs.values()):
                 return jobs, round(time.monotonic() - start, 3)
+            if on_poll is not None:
+                on_poll(jobs)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise JobWaitTimeout(jobs, round(time.monotonic() - start, 3))
@@ -125,6 +129,6 @@ class JobWaiter:
                 stamp = event["timestamp"]
                 self.ended_at[event_job_id(event)] = stamp["seconds"] + stamp["microseconds"] / 1e6
 
-    def wait_status(self, job_ids, statuses, timeout):
+    def wait_status(self, job_ids, statuses, timeout, on_poll=None):
         statuses = frozenset(statuses)
-        return self.wait(job_ids, lambda job: job["status"] in statuses, timeout)
+        return self.wait(job_ids, lambda job: job["status"] in statuses, timeout, on_poll)

@@ -332,6 +332,7 @@ class FakeGuestAgent(threading.Thread):
         self.server.bind(path)
         self.server.listen(4)
         self.commands = []
+        self.times = []
 
     def run(self):
         while True:
@@ -343,6 +344,7 @@ class FakeGuestAgent(threading.Thread):
                 for line in stream:
                     request = json.loads(line.replace(b"\xff", b""))
                     self.commands.append(request["execute"])
+                    self.times.append(time.monotonic())
                     answer = {"guest-sync": request.get("arguments", {}).get("id"),
                               "guest-fsfreeze-freeze": 1, "guest-fsfreeze-thaw": 1}.get(request["execute"], {})
                     reply = {"return": answer}

@@ -22,7 +22,7 @@ from harness import ROOT, FakeGuestAgent, disk_args, make_image
 EXAMPLE_SOCKET = "/run/qemu/vm1.qmp"
 EXAMPLE_DIRS = ("/run/qemu", "/var/lib/backup", "/var/lib/qemu")
 # Block modules before the job that uses them; the VM's own end comes last.
-ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_backup", "qmp_nbd",
+ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_backup", "qmp_backup_chain", "qmp_nbd",
          "qmp_chardev", "qmp_device", "qmp_vm"]
 # Modules whose examples need a VM of their own (they end it, or need two).
 OWN_TEST = ["qmp_migrate"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -16,10 +17,13 @@ import time
 import pytest
 
 from backup_helpers import MiB, reference_copy, same_content
+
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_engine import human
 from harness import disk_args, make_image
 
 SIZE = 64 * MiB
 SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "roles", "backup", "files", "manifest.schema.json")
+PREFIX = "qemu-qmp-backup"
 
 
 class BackupRole:
@@ -29,36 +33,72 @@ class BackupRole:
         self.root = root
         self.name = name
 
-    def run(self, entry="main", **variables):
+    @property
+    def folder(self):
+        return os.path.join(self.root, self.name)
+
+    def variables(self, **variables):
         base = {"backup_qmp_socket": self.vm.socket, "backup_name": self.name, "backup_dir": self.root,
                 "backup_poll_interval": 1}
         base.update(variables)
-        fact = "backup_restore_result" if entry == "restore" else "backup_result"
-        play = [{"hosts": "localhost", "gather_facts": False, "tasks": [
+        return base
+
+    @staticmethod
+    def play(entry):
+        fact = {"restore": "backup_restore_result", "verify": "backup_verify_result"}.get(entry, "backup_result")
+        return fact, [{"hosts": "localhost", "gather_facts": False, "tasks": [
             {"name": "role", "ansible.builtin.include_role": {"name": "qemu.qmp.backup", "tasks_from": entry}},
             {"name": "result", "ansible.builtin.debug": {"var": fact}}]}]
-        records, proc = self.ansible.playbook(json.dumps(play), extra_vars=base)
+
+    def run(self, entry="main", env=None, args=None, **variables):
+        fact, play = self.play(entry)
+        records, proc = self.ansible.playbook(json.dumps(play), extra_vars=self.variables(**variables), env=env,
+                                              args=args)
         result = next((r["result"] for r in records if r["task"] == "result"), {})
-        return {"rc": proc.returncode, "records": records, "stdout": proc.stdout, "result": result.get(fact),
+        return {"rc": proc.returncode, "records": records, "stdout": proc.stdout, "stderr": proc.stderr,
+                "result": result.get(fact),
                 "failed": [r["result"].get("msg", "") for r in records if r["status"] == "failed"],
-                "debug": [r["result"].get("msg") for r in records if r["action"] == "ansible.builtin.debug"]}
+                "engine": next((r["result"] for r in records if r["action"] == "qemu.qmp.qmp_backup_chain"), {})}
+
+    def start(self, entry="main", env=None, **variables):
+        """Start the role in the background (its own process group); returns the Popen."""
+        fact, play = self.play(entry)
+        path = os.path.join(self.ansible.workdir, "bg-%d.yml" % time.monotonic_ns())
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(play))
+        cmd = ["ansible-playbook", "-i", "localhost,", "-c", "local", path]
+        for key, value in self.variables(**variables).items():
+            cmd += ["-e", json.dumps({key: value})]
+        run_env = self.ansible.env(path + ".jsonl")
+        run_env.update(env or {})
+        return subprocess.Popen(cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
     def backup(self, **variables):
         outcome = self.run(**variables)
         assert outcome["rc"] == 0, outcome["stdout"][-3000:]
         return outcome["result"]
 
-    def restore(self, disk, output, point="latest"):
-        outcome = self.run(entry="restore", backup_restore_disk=disk, backup_restore_output=output, backup_restore_point=point)
+    def restore(self, disk, output, point="latest", **variables):
+        outcome = self.run(entry="restore", backup_restore_disk=disk, backup_restore_output=output,
+                           backup_restore_point=point, **variables)
         assert outcome["rc"] == 0, outcome["stdout"][-3000:]
         return outcome["result"]
 
     def manifests(self):
-        return sorted(glob.glob(os.path.join(self.root, self.name, "*", "*.json")))
+        return sorted(glob.glob(os.path.join(self.folder, "*", "*.json")))
 
     def files(self):
-        return sorted(os.path.relpath(p, os.path.join(self.root, self.name))
-                      for p in glob.glob(os.path.join(self.root, self.name, "**"), recursive=True) if os.path.isfile(p))
+        return sorted(os.path.relpath(p, self.folder) for p in glob.glob(os.path.join(self.folder, "**"), recursive=True)
+                      if os.path.isfile(p) and not os.path.basename(p).startswith(".lock"))
+
+    def holder_pid(self):
+        """The pid of the run holding the VM's backup lock, or None."""
+        try:
+            with open(os.path.join(self.folder, ".lock"), encoding="utf-8") as handle:
+                return json.loads(handle.read() or "{}").get("pid")
+        except (OSError, ValueError):
+            return None
 
 
 def check_manifest(path):
@@ -68,6 +108,30 @@ def check_manifest(path):
     with open(SCHEMA, encoding="utf-8") as handle:
         jsonschema.Draft202012Validator(json.load(handle)).validate(manifest)
     return manifest
+
+
+def chain_bitmaps(vm):
+    return sorted(name for dummy, name in vm.bitmaps() if name.startswith(PREFIX))
+
+
+def since(chain, sequence):
+    return "%s-%s-%04d" % (PREFIX, chain, sequence)
+
+
+def assert_nothing_left(vm, role):
+    """No job, node, export of the collection in QEMU; no unfinished backup on disk."""
+    assert not [j for j in vm.jobs() if j.startswith("qemu-qmp-backup-")], vm.jobs()
+    assert not [n for n in vm.nodes() if n.startswith("qmpbk")]
+    assert vm.qmp("query-block-exports") == []
+    assert not glob.glob(os.path.join(role.folder, "*", "*", ".unfinished"))
+
+
+def wait_for(predicate, timeout=30, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for %s" % what)
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -91,48 +155,74 @@ def test_chain_full_incremental_differential_restores_exactly(disk_vm, workdir, 
     manifests = [check_manifest(p) for p in role.manifests()]
     assert [(m["sequence"], m["level"], m["based_on"]) for m in manifests] == \
         [(0, "full", None), (1, "incremental", 0), (2, "incremental", 1), (3, "differential", 0)]
+    assert [m["generation"] for m in manifests] == [1, 2, 3, 4]
     chain = manifests[0]["chain"]
     # Incrementals copied exactly what the guest wrote since the backup before (64 KiB-aligned writes).
     assert [m["disks"][0]["bytes_copied"] for m in manifests[1:]] == [2 * MiB, 2 * MiB, 6 * MiB]
-    # The chain's bitmaps are persistent, in QEMU, and nothing else of the role's.
-    bitmaps = vm.bitmaps()
-    assert sorted(name for dummy, name in bitmaps) == ["qemu-qmp-backup-%s" % chain, "qemu-qmp-backup-%s-full" % chain]
-    assert vm.jobs() == {} and not [n for n in vm.nodes() if n.startswith("qmpbk")]
+    # Each point has its own bitmap; only the newest one and the chain's full bitmap are left, persistent.
+    assert chain_bitmaps(vm) == sorted([since(chain, 3), "%s-%s-full" % (PREFIX, chain)])
+    assert all(vm.bitmaps()[("disk0", name)]["persistent"] for name in chain_bitmaps(vm))
+    assert_nothing_left(vm, role)
 
     for index in range(4):
         restored = os.path.join(workdir, "restored%d.qcow2" % index)
         out = role.restore("disk0", restored, point="%s/%d" % (chain, index))
         assert out["sequence"] == index
+        assert len(out["verified"]) == [1, 2, 3, 2][index]  # the point and what it is based on
         assert same_content(restored, refs[index]), index
     latest = role.restore("disk0", os.path.join(workdir, "latest.qcow2"))
     assert latest["level"] == "differential"
     assert same_content(os.path.join(workdir, "latest.qcow2"), refs[3])
+    verify = role.run(entry="verify")
+    assert verify["rc"] == 0 and len(verify["result"]["verified"]) == 4, verify["stdout"][-2000:]
 
 
 def test_broken_chain_starts_a_new_full(disk_vm, workdir, ansible):
     vm = disk_vm
     role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
     first = role.backup()
-    vm.qmp("block-dirty-bitmap-remove", {"node": "disk0", "name": "qemu-qmp-backup-%s" % first["chain"]})
+    vm.qmp("block-dirty-bitmap-remove", {"node": "disk0", "name": since(first["chain"], 0)})
     outcome = role.run(backup_level="incremental")
     assert outcome["rc"] == 0
     result = outcome["result"]
     assert result["level"] == "full" and result["chain"] != first["chain"]
-    assert any("bitmap qemu-qmp-backup-%s is missing on node disk0" % first["chain"] in w for w in result["warnings"])
-    assert any("WARNING" in str(m) for m in outcome["debug"])
+    assert any("bitmap %s" % since(first["chain"], 0) in w and "is missing on disk disk0" in w
+               for w in result["warnings"]), result["warnings"]
+    assert "[WARNING]: starting a new full chain" in outcome["stderr"]
     # The old chain's remaining bitmap is gone: only the new chain's bitmaps record.
-    assert sorted(name for dummy, name in vm.bitmaps()) == \
-        ["qemu-qmp-backup-%s" % result["chain"], "qemu-qmp-backup-%s-full" % result["chain"]]
+    assert chain_bitmaps(vm) == sorted([since(result["chain"], 0), "%s-%s-full" % (PREFIX, result["chain"])])
 
 
 def test_retention_keeps_the_newest_chains(disk_vm, workdir, ansible):
-    vm = disk_vm
-    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
-    chains = []
-    for dummy in range(3):
-        chains.append(role.backup(backup_level="full", backup_keep_chains=2)["chain"])
-        time.sleep(1.1)  # chain ids are timestamps
-    assert sorted(os.listdir(os.path.join(workdir, "backups", "vm1"))) == chains[1:]
+    role = BackupRole(ansible, disk_vm, os.path.join(workdir, "backups"))
+    chains = [role.backup(backup_level="full", backup_keep_chains=2)["chain"] for dummy in range(3)]
+    assert len(set(chains)) == 3
+    assert sorted(os.listdir(role.folder)) == sorted([".lock"] + chains[1:])
+
+
+def test_clock_set_back_keeps_the_new_full(disk_vm, workdir, ansible):
+    """A chain taken while the host's clock ran a year ahead; the clock is set right; the next full is kept."""
+    faketime = shutil.which("faketime")
+    if faketime is None:
+        pytest.skip("faketime is not installed")
+    role = BackupRole(ansible, disk_vm, os.path.join(workdir, "backups"))
+    ahead = role.run(backup_level="full", args=None, env={"FAKETIME": "+365d", "LD_PRELOAD": _libfaketime()})
+    assert ahead["rc"] == 0, ahead["stdout"][-2000:]
+    assert ahead["result"]["chain"] > time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() + 300 * 86400))
+    # A due backup despite a newest backup "finished" a year from now, with a warning.
+    outcome = role.run(backup_level="full", backup_keep_chains=1, backup_max_age=3600)
+    assert outcome["rc"] == 0, outcome["stdout"][-2000:]
+    now = outcome["result"]
+    assert now["skipped"] is False and any("clock was set back" in w for w in now["warnings"])
+    assert now["chain"] < ahead["result"]["chain"]
+    # Kept: it is the newest by the order backups were taken in; the chain from the future went.
+    assert sorted(os.listdir(role.folder)) == [".lock", now["chain"]]
+    assert now["removed_chains"] == [ahead["result"]["chain"]]
+
+
+def _libfaketime():
+    found = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    return found[0] if found else ""
 
 
 def test_job_failure_keeps_nothing_and_the_next_incremental_restores(disk_vm, workdir, ansible):
@@ -143,7 +233,7 @@ def test_job_failure_keeps_nothing_and_the_next_incremental_restores(disk_vm, wo
     for offset in range(8 * MiB, 64 * MiB, 8 * MiB):
         vm.guest_write("vdisk0", offset, MiB, 0x32)
     before = role.files()
-    bitmap = vm.bitmaps()[("disk0", "qemu-qmp-backup-%s" % full["chain"])]["count"]
+    bitmap = vm.bitmaps()[("disk0", since(full["chain"], 0))]["count"]
 
     # Another client cancels the slow backup's job: the job ends with an error.
     def cancel():
@@ -158,10 +248,12 @@ def test_job_failure_keeps_nothing_and_the_next_incremental_restores(disk_vm, wo
     outcome = role.run(backup_speed=MiB)
     canceller.join()
     assert outcome["rc"] != 0
-    assert any("incremental backup of vm1 failed" in m and "Operation canceled" in m for m in outcome["failed"])
+    assert any("incremental backup 1 of chain %s of vm1 failed; nothing of it was kept" % full["chain"] in m
+               and "disk disk0: Operation canceled" in m for m in outcome["failed"]), outcome["failed"]
     assert role.files() == before  # no manifest, no image of the failed backup
-    assert vm.bitmaps()[("disk0", "qemu-qmp-backup-%s" % full["chain"])]["count"] == bitmap
-    assert vm.jobs() == {} and not [n for n in vm.nodes() if n.startswith("qmpbk")]
+    assert vm.bitmaps()[("disk0", since(full["chain"], 0))]["count"] == bitmap
+    assert chain_bitmaps(vm) == sorted([since(full["chain"], 0), "%s-%s-full" % (PREFIX, full["chain"])])
+    assert_nothing_left(vm, role)
 
     retry = role.backup()
     assert retry["level"] == "incremental" and retry["chain"] == full["chain"] and retry["sequence"] == 1
@@ -181,6 +273,14 @@ def small_dir(workdir):
     subprocess.run(["umount", "-l", path], check=False)
 
 
+def fill(folder, leave=2 * MiB):
+    filler = os.path.join(folder, "filler")
+    stat = os.statvfs(folder)
+    with open(filler, "wb") as handle:
+        handle.write(b"\xff" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return filler
+
+
 def test_full_target_directory(disk_vm, workdir, small_dir, ansible):
     vm = disk_vm
     role = BackupRole(ansible, vm, small_dir)
@@ -188,21 +288,82 @@ def test_full_target_directory(disk_vm, workdir, small_dir, ansible):
     full = role.backup()
     before = role.files()
     vm.guest_write("vdisk0", 16 * MiB, 8 * MiB, 0x42)
-    bitmap = vm.bitmaps()[("disk0", "qemu-qmp-backup-%s" % full["chain"])]["count"]
-    # Something else fills the folder up.
-    filler = os.path.join(small_dir, "filler")
-    stat = os.statvfs(small_dir)
-    with open(filler, "wb") as handle:
-        handle.write(b"\xff" * (stat.f_bavail * stat.f_frsize - 2 * MiB))
+    bitmap = vm.bitmaps()[("disk0", since(full["chain"], 0))]["count"]
+    filler = fill(small_dir)  # something else fills the folder up
     outcome = role.run()
     assert outcome["rc"] != 0
     assert any("No space left on device" in m for m in outcome["failed"]), outcome["failed"]
     assert [f for f in role.files() if f != "../filler"] == before
-    assert vm.bitmaps()[("disk0", "qemu-qmp-backup-%s" % full["chain"])]["count"] == bitmap
+    assert vm.bitmaps()[("disk0", since(full["chain"], 0))]["count"] == bitmap
     # Room again: the chain goes on, with no new full.
     os.unlink(filler)
     retry = role.backup()
     assert retry["level"] == "incremental" and retry["chain"] == full["chain"]
+    ref = reference_copy(vm, "disk0", os.path.join(workdir, "ref.qcow2"), SIZE)
+    role.restore("disk0", os.path.join(workdir, "restored.qcow2"))
+    assert same_content(os.path.join(workdir, "restored.qcow2"), ref)
+
+
+# A qemu-img that, when the engine checks the new image (the step after QEMU's job), does the fault
+# first; every other call goes to the real qemu-img.
+FAULTY_QEMU_IMG = """#!/bin/sh
+if [ "$1" = check ]; then
+    image="$(eval echo \\${$#})"
+    case "$FAULT" in
+        check) echo "qemu-img: injected: image corrupt" >&2; exit 3 ;;
+        checksum) qemu-img "$@" || exit $?; rm -f "$image"; exit 0 ;;
+        manifest) mkdir "$(dirname "$image").json" ;;
+        disk-full) head -c "$(( $(stat -f -c '%a*%S' "$(dirname "$image")") ))" /dev/zero \\
+                     > "$(dirname "$(dirname "$(dirname "$(dirname "$image")")")")/filler" 2>/dev/null ;;
+        killed) kill -KILL "$PPID"; sleep 5 ;;
+    esac
+fi
+exec qemu-img "$@"
+"""
+
+
+@pytest.mark.parametrize("fault", ["check", "checksum", "manifest", "disk-full", "killed"])
+def test_a_fault_after_the_job_loses_no_write(vm_factory, workdir, small_dir, ansible, fault):
+    """The job succeeded; then a step of the commit fails, or the run is killed. The bitmap keeps every bit: the next
+    incremental copies all writes since the last committed backup, and restores equal to QEMU's own copy."""
+    vm = vm_factory(args=disk_args(make_image(os.path.join(workdir, "disk0.qcow2"), "64M")))
+    wrapper = os.path.join(workdir, "qemu-img")
+    with open(wrapper, "w", encoding="utf-8") as handle:
+        handle.write(FAULTY_QEMU_IMG)
+    os.chmod(wrapper, 0o755)
+    role = BackupRole(ansible, vm, small_dir)
+    vm.guest_write("vdisk0", 0, 2 * MiB, 0x51)
+    full = role.backup()
+    vm.guest_write("vdisk0", 8 * MiB, 3 * MiB, 0x52)
+    before = role.files()
+
+    outcome = role.run(backup_qemu_img=wrapper, env={"FAULT": fault})
+    assert outcome["rc"] != 0
+    expected = {"check": "qemu-img: injected: image corrupt",
+                "checksum": "computing the checksums of image",
+                "manifest": "writing the manifest",
+                "disk-full": "No space left on device",
+                "killed": "ended without a result"}[fault]
+    assert any(expected in m for m in outcome["failed"]), outcome["failed"]
+    if os.path.exists(os.path.join(small_dir, "filler")):
+        os.unlink(os.path.join(small_dir, "filler"))
+    if fault == "manifest":
+        shutil.rmtree(glob.glob(os.path.join(role.folder, "*", "0001-incremental.json"))[0])
+    if fault != "killed":
+        assert role.files() == before, fault  # nothing of the failed backup is kept
+        assert_nothing_left(vm, role)
+    # Every write since the full backup is still marked, whatever happened.
+    assert vm.bitmaps()[("disk0", since(full["chain"], 0))]["count"] == 3 * MiB
+
+    vm.guest_write("vdisk0", 20 * MiB, MiB, 0x53)
+    retry = role.run()
+    assert retry["rc"] == 0, retry["stdout"][-3000:]
+    result = retry["result"]
+    assert result["level"] == "incremental" and result["chain"] == full["chain"] and result["sequence"] == 1
+    assert result["disks"][0]["bytes_copied"] == 4 * MiB
+    if fault == "killed":
+        assert "unfinished backup %s/0001-incremental" % full["chain"] in result["cleaned"]
+    assert_nothing_left(vm, role)
     ref = reference_copy(vm, "disk0", os.path.join(workdir, "ref.qcow2"), SIZE)
     role.restore("disk0", os.path.join(workdir, "restored.qcow2"))
     assert same_content(os.path.join(workdir, "restored.qcow2"), ref)
@@ -244,7 +405,7 @@ def test_qemu_killed_mid_backup(vm_factory, workdir, ansible):
     result = outcome["result"]
     assert result["level"] == "full" and result["chain"] != full["chain"]
     assert any("inconsistent" in w for w in result["warnings"])
-    assert ("disk0", "qemu-qmp-backup-%s" % full["chain"]) not in vm.bitmaps()
+    assert not [name for dummy, name in vm.bitmaps() if full["chain"] in name]
     # The earlier chain is still there and restores.
     assert role.restore("disk0", os.path.join(workdir, "old.qcow2"), point=full["chain"])["level"] == "full"
 
@@ -302,13 +463,13 @@ def test_pull_mode_chain_restores_exactly(disk_vm, workdir, ansible):
     manifests = [check_manifest(p) for p in role.manifests()]
     assert [m["mode"] for m in manifests] == ["pull"] * 4
     assert [m["disks"][0]["bytes_copied"] for m in manifests[1:]] == [2 * MiB, 2 * MiB, 6 * MiB]
-    # Only the chain's current bitmaps are left, all recording; no fleece, export or job.
+    # Only the chain's current bitmaps are left, all recording; no fleece, export, job or NBD server.
     chain = manifests[0]["chain"]
-    assert sorted(name for dummy, name in vm.bitmaps()) == sorted([manifests[-1]["bitmap"], manifests[-1]["full_bitmap"]])
-    assert manifests[-1]["bitmap"] == "qemu-qmp-backup-%s-0002" % chain
+    assert chain_bitmaps(vm) == sorted([manifests[-1]["bitmap"], manifests[-1]["full_bitmap"]])
+    assert manifests[-1]["bitmap"] == since(chain, 3)
     assert all(b["recording"] for b in vm.bitmaps().values())
-    assert vm.jobs() == {} and vm.qmp("query-block-exports") == [] and not [n for n in vm.nodes() if n.startswith("qmpbk")]
-    assert not glob.glob(os.path.join(workdir, "backups", "**", "*.fleece.qcow2"), recursive=True)
+    assert_nothing_left(vm, role)
+    assert not glob.glob(os.path.join(role.folder, "**", "*.fleece.qcow2"), recursive=True)
     for index in range(4):
         restored = os.path.join(workdir, "restored%d.qcow2" % index)
         role.restore("disk0", restored, point="%s/%d" % (chain, index))
@@ -320,16 +481,17 @@ def test_pull_mode_failure_gives_the_bitmap_back(disk_vm, workdir, ansible):
     role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
     full = role.backup(backup_mode="pull")
     vm.guest_write("vdisk0", 0, 3 * MiB, 0x71)
-    name = "qemu-qmp-backup-%s" % full["chain"]
+    name = since(full["chain"], 0)
     before = role.files()
-    # The reader cannot write its image: the backup fails after QEMU froze the bitmap.
+    # The reader cannot write its image: the backup fails after QEMU froze its copy of the bitmap.
     outcome = role.run(backup_mode="pull", backup_qemu_img="/bin/false")
     assert outcome["rc"] != 0
+    assert any("creating image" in m and "false failed" in m for m in outcome["failed"]), outcome["failed"]
     assert role.files() == before
     bitmaps = vm.bitmaps()
-    assert sorted(n for dummy, n in bitmaps) == [name, name + "-full"]
+    assert chain_bitmaps(vm) == sorted([name, "%s-%s-full" % (PREFIX, full["chain"])])
     assert bitmaps[("disk0", name)]["recording"] is True and bitmaps[("disk0", name)]["count"] == 3 * MiB
-    assert vm.jobs() == {} and vm.qmp("query-block-exports") == []
+    assert_nothing_left(vm, role)
     # The next incremental copies it all.
     retry = role.backup(backup_mode="pull")
     assert retry["level"] == "incremental" and retry["disks"][0]["bytes_copied"] == 3 * MiB
@@ -340,19 +502,286 @@ def test_guest_agent_freezes_only_while_the_backup_starts(disk_vm, workdir, ansi
     agent = FakeGuestAgent(os.path.join(workdir, "qga.sock"))
     agent.start()
     role = BackupRole(ansible, disk_vm, os.path.join(workdir, "backups"))
-    outcome = role.run(backup_guest_agent_socket=os.path.join(workdir, "qga.sock"))
+    disk_vm.guest_write("vdisk0", 0, 4 * MiB, 0x21)
+    begin = time.monotonic()
+    # Throttled: the job lasts seconds; the guest is frozen for the instant it starts only.
+    outcome = role.run(backup_guest_agent_socket=os.path.join(workdir, "qga.sock"), backup_speed=16 * MiB)
+    took = time.monotonic() - begin
     assert outcome["rc"] == 0, outcome["stdout"][-3000:]
-    assert [c for c in agent.commands if c != "guest-sync"] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
-    # Frozen for the transaction only: thawed before the jobs were followed.
-    tasks = [r["task"].split(" : ")[-1] for r in outcome["records"]]
-    assert tasks.index("Thaw the guest's file systems") < tasks.index("Show the backup's progress")
+    commands = [(c, t) for c, t in zip(agent.commands, agent.times) if c != "guest-sync"]
+    assert [c for c, dummy in commands] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
+    frozen = commands[1][1] - commands[0][1]
+    assert frozen < 1.0 < took, (frozen, took)
 
 
 def test_max_age_makes_a_second_run_unchanged(disk_vm, workdir, ansible):
     role = BackupRole(ansible, disk_vm, os.path.join(workdir, "backups"))
-    first = role.run(backup_max_age=3600)
+    # As -e gives it, a string: the role converts it.
+    first = role.run(backup_max_age=3600, args=["-e", "backup_poll_interval=1"])
     assert first["rc"] == 0 and first["result"]["skipped"] is False
     second = role.run(backup_max_age=3600)
     assert second["rc"] == 0 and second["result"]["skipped"] is True
     assert not any(r["result"].get("changed") for r in second["records"] if r["status"] == "ok")
     assert len(role.manifests()) == 1
+
+
+def start_paused(role, vm, **variables):
+    """Start the role in the background; once its job runs in QEMU, pause the job (resume it with job-resume)."""
+    variables.setdefault("backup_speed", 256 * 1024)  # slow enough to be caught running
+    proc = role.start(**variables)
+    wait_for(lambda: "qemu-qmp-backup-disk0" in vm.jobs() and role.holder_pid(), what="the backup's job")
+    vm.qmp("job-pause", {"id": "qemu-qmp-backup-disk0"})
+    vm.qmp("block-job-set-speed", {"device": "qemu-qmp-backup-disk0", "speed": 0})
+    return proc
+
+
+def test_two_runs_at_once(disk_vm, workdir, ansible):
+    """A second run refuses at once, naming the first; a third waits for the lock; every point restores."""
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    vm.guest_write("vdisk0", 0, 8 * MiB, 0x81)
+    first = start_paused(role, vm)
+    pid = role.holder_pid()
+    refused = role.run()
+    waiting = threading.Thread(target=lambda: waited.update(role.run(backup_lock_timeout=120)))
+    waited = {}
+    waiting.start()
+    time.sleep(2)
+    assert not waited  # it waits while the first run holds the lock
+    vm.qmp("job-resume", {"id": "qemu-qmp-backup-disk0"})
+    output = first.communicate(timeout=120)[0]
+    waiting.join(120)
+    assert first.returncode == 0, output[-3000:]
+    assert refused["rc"] != 0
+    assert any("a backup of %s cannot start: a backup (pid %d on " % (role.folder, pid) in m and "holds its lock" in m
+               for m in refused["failed"]), refused["failed"]
+    assert waited["rc"] == 0, waited["stdout"][-3000:]
+    assert (waited["result"]["level"], waited["result"]["sequence"]) == ("incremental", 1)
+    assert len(role.manifests()) == 2
+    ref = reference_copy(vm, "disk0", os.path.join(workdir, "ref.qcow2"), SIZE)
+    chain = waited["result"]["chain"]
+    for point in ("%s/0" % chain, "%s/1" % chain):
+        restored = os.path.join(workdir, point.replace("/", "-") + ".qcow2")
+        role.restore("disk0", restored, point=point)
+        assert same_content(restored, ref), point  # nothing was written between the two
+    assert_nothing_left(vm, role)
+
+
+def test_controller_or_run_killed_mid_job(disk_vm, workdir, ansible):
+    """The controller is killed: the run on the host stops by itself and undoes itself. The run itself is
+    killed: the next run cleans up after it. Either way the chain goes on and restores."""
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    vm.guest_write("vdisk0", 0, 2 * MiB, 0x91)
+    full = role.backup()
+    vm.guest_write("vdisk0", 16 * MiB, 8 * MiB, 0x92)
+    before = role.files()
+
+    controller = start_paused(role, vm, backup_controller_timeout=3, backup_poll_interval=0.2)
+    os.killpg(controller.pid, signal.SIGKILL)
+    controller.wait()
+    # Nobody follows it any more: it stops, gives the bitmap back and removes its files.
+    wait_for(lambda: role.holder_pid() is None and "qemu-qmp-backup-disk0" not in vm.jobs(), timeout=30,
+             what="the abandoned run to undo itself")
+    assert role.files() == before
+    assert_nothing_left(vm, role)
+    assert chain_bitmaps(vm) == sorted([since(full["chain"], 0), "%s-%s-full" % (PREFIX, full["chain"])])
+    assert vm.bitmaps()[("disk0", since(full["chain"], 0))]["count"] == 8 * MiB
+
+    runner = start_paused(role, vm)
+    os.kill(role.holder_pid(), signal.SIGKILL)
+    output = runner.communicate(timeout=60)[0]
+    assert runner.returncode != 0 and "ended without a result" in output, output[-3000:]
+    assert "qemu-qmp-backup-disk0" in vm.jobs()  # the killed run's job is still in QEMU
+
+    retry = role.run()
+    assert retry["rc"] == 0, retry["stdout"][-3000:]
+    result = retry["result"]
+    assert (result["level"], result["chain"], result["sequence"]) == ("incremental", full["chain"], 1)
+    assert "job qemu-qmp-backup-disk0" in result["cleaned"] and "block node qmpbk0" in result["cleaned"]
+    assert "unfinished backup %s/0001-incremental" % full["chain"] in result["cleaned"]
+    assert result["disks"][0]["bytes_copied"] == 8 * MiB
+    assert_nothing_left(vm, role)
+    ref = reference_copy(vm, "disk0", os.path.join(workdir, "ref.qcow2"), SIZE)
+    role.restore("disk0", os.path.join(workdir, "restored.qcow2"))
+    assert same_content(os.path.join(workdir, "restored.qcow2"), ref)
+
+
+def image_data_offset(image):
+    """A file offset of guest data the image itself holds."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", image], capture_output=True, text=True, check=True)
+    extent = [e for e in json.loads(out.stdout) if e.get("data") and e.get("depth", 0) == 0 and "offset" in e][0]
+    return extent["offset"], extent["start"]
+
+
+def flip(path, offset):
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        byte = handle.read(1)
+        handle.seek(offset)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.fixture
+def three_points(disk_vm, workdir, ansible):
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    for index, offset in enumerate((0, 8 * MiB, 16 * MiB)):
+        vm.guest_write("vdisk0", offset, MiB, 0xa0 + index)
+        role.backup()
+    chain = os.listdir(role.folder)
+    chain = [c for c in chain if not c.startswith(".")][0]
+    return role, os.path.join(role.folder, chain)
+
+
+@pytest.mark.parametrize("damage", ["flip-full", "flip-incremental", "truncate-middle", "delete-manifest",
+                                    "truncate-manifest"])
+def test_damage_is_found_and_named(three_points, workdir, damage):
+    role, chain_dir = three_points
+    image = {"flip-full": "0000-full/disk0.qcow2", "flip-incremental": "0002-incremental/disk0.qcow2",
+             "truncate-middle": "0001-incremental/disk0.qcow2"}.get(damage)
+    if damage.startswith("flip"):
+        offset, guest = image_data_offset(os.path.join(chain_dir, image))
+        flip(os.path.join(chain_dir, image), offset + 100)
+        named = os.path.join(chain_dir, image)
+    elif damage == "truncate-middle":
+        path = os.path.join(chain_dir, image)
+        os.truncate(path, os.path.getsize(path) - 65536)
+        named = path
+    elif damage == "delete-manifest":
+        named = os.path.join(chain_dir, "0001-incremental.json")
+        os.unlink(named)
+    else:
+        named = os.path.join(chain_dir, "0002-incremental.json")
+        os.truncate(named, os.path.getsize(named) // 2)
+
+    restore = role.run(entry="restore", backup_restore_disk="disk0",
+                       backup_restore_output=os.path.join(workdir, "out.qcow2"))
+    assert restore["rc"] != 0 and any(named in m for m in restore["failed"]), (named, restore["failed"])
+    assert not os.path.exists(os.path.join(workdir, "out.qcow2"))
+    assert not glob.glob(os.path.join(workdir, ".out.qcow2.*"))
+    verify = role.run(entry="verify")
+    assert verify["rc"] != 0 and any(named in m for m in verify["failed"]), (named, verify["failed"])
+    if damage.startswith("flip"):
+        # Where: the guest bytes of the disk that image holds there.
+        assert any("guest data of disk disk0 at %s" % human(guest) in m for m in verify["failed"]), verify["failed"]
+
+    # The next backup does not build on a damaged chain, and deletes nothing of it.
+    files = sorted(os.listdir(chain_dir))
+    again = role.run()
+    assert again["rc"] == 0, again["stdout"][-3000:]
+    assert again["result"]["level"] == "full" and any(os.path.basename(chain_dir) in w for w in again["result"]["warnings"])
+    assert sorted(os.listdir(chain_dir)) == files
+
+
+def test_disk_rolled_back_to_an_older_copy_starts_a_new_chain(vm_factory, workdir, ansible):
+    image = make_image(os.path.join(workdir, "disk0.qcow2"), "64M")
+    vm = vm_factory(args=disk_args(image))
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    vm.guest_write("vdisk0", 0, MiB, 0xb1)
+    role.backup()
+    vm.qmp("quit")
+    vm.wait_exit()
+    shutil.copy(image, image + ".copy")  # carries the chain's bitmaps as they were then
+    vm = vm_factory(name="vm2", args=disk_args(image))
+    role.vm = vm
+    vm.guest_write("vdisk0", 8 * MiB, MiB, 0xb2)
+    assert role.backup()["level"] == "incremental"
+    vm.qmp("quit")
+    vm.wait_exit()
+    os.replace(image + ".copy", image)  # rolled back
+    vm = vm_factory(name="vm3", args=disk_args(image))
+    role.vm = vm
+    vm.guest_write("vdisk0", 20 * MiB, MiB, 0xb3)
+    outcome = role.run()
+    assert outcome["rc"] == 0, outcome["stdout"][-3000:]
+    assert outcome["result"]["level"] == "full"
+    assert any("rolled back to an older copy" in w for w in outcome["result"]["warnings"]), outcome["result"]["warnings"]
+    ref = reference_copy(vm, "disk0", os.path.join(workdir, "ref.qcow2"), SIZE)
+    role.restore("disk0", os.path.join(workdir, "restored.qcow2"))
+    assert same_content(os.path.join(workdir, "restored.qcow2"), ref)
+
+
+def tree_rss(pid):
+    """Resident memory (bytes) of ansible-playbook: its main process and its forks (not the short poll commands)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry, encoding="utf-8") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        try:
+            with open("/proc/%d/cmdline" % current, "rb") as handle:
+                if b"ansible-playbook" not in handle.read():
+                    continue
+        except OSError:
+            continue
+        total += rss(current)
+    return total
+
+
+def rss(pid):
+    try:
+        with open("/proc/%d/status" % pid, encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def test_a_thousand_polls_show_progress_in_constant_memory(disk_vm, workdir, ansible, record_property):
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    vm.guest_write("vdisk0", 0, 8 * MiB, 0xc1)
+    proc = start_paused(role, vm, backup_poll_interval=0.01)  # it goes on once the polls are counted
+    polls, memory = 0, {}
+    for line in proc.stdout:
+        if line.startswith("localhost: full backup 0 of chain") and "disk0" in line:
+            polls += 1
+            if polls in (10, 1000):
+                memory[polls] = (tree_rss(proc.pid), rss(role.holder_pid()))
+            if polls == 1000:
+                vm.qmp("job-resume", {"id": "qemu-qmp-backup-disk0"})
+    proc.wait(60)
+    assert proc.returncode == 0 and polls >= 1000, polls
+    controller_growth = memory[1000][0] - memory[10][0]
+    worker_growth = memory[1000][1] - memory[10][1]
+    record_property("controller_rss", memory)
+    print("controller RSS at poll 10: %d KiB, at poll 1000: %d KiB; host-side run: %d KiB, %d KiB"
+          % (memory[10][0] // 1024, memory[1000][0] // 1024, memory[10][1] // 1024, memory[1000][1] // 1024))
+    assert controller_growth < 4 * MiB and worker_growth < 2 * MiB, memory
+    assert len(role.manifests()) == 1
+
+
+def test_check_mode_changes_nothing_and_shows_the_plan(disk_vm, workdir, ansible):
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    full = role.backup()
+    vm.guest_write("vdisk0", 4 * MiB, 3 * MiB, 0xd1)
+
+    def state():
+        return (vm.bitmaps(), sorted(vm.nodes()), vm.jobs(), role.files(),
+                sorted(os.listdir(os.path.join(role.folder, full["chain"]))))
+    before = state()
+    play = os.path.join(os.path.dirname(__file__), "..", "..", "playbooks", "backup.yml")
+    with open(play, encoding="utf-8") as handle:
+        text = handle.read()
+    records, proc = role.ansible.playbook(text, extra_vars=role.variables(), args=["--check"])
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert state() == before
+    plan = next(r["result"] for r in records if r["action"] == "qemu.qmp.qmp_backup_chain")
+    assert (plan["level"], plan["chain"], plan["sequence"], plan["bytes_to_copy"]) == \
+        ("incremental", full["chain"], 1, 3 * MiB)
+    assert plan["bitmaps"] == {"read": since(full["chain"], 0), "add": [since(full["chain"], 1)],
+                               "drop_after_commit": [since(full["chain"], 0)]}
+    shown = next(r["result"]["msg"] for r in records if r["task"] == "Show what was backed up")
+    assert "would take incremental backup 1" in shown and "3.00 MB to copy" in shown

@@ -1,24 +1,17 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to the qemu.qmp collection
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Copy what a dirty bitmap marks from one NBD export to another, at the same offsets.
+"""A minimal NBD client, standard library only: what a pull-mode backup needs.
 
-The pull-mode reader of the qemu.qmp.backup role: the source is QEMU's
-point-in-time view of a disk with its dirty bitmap (qemu:dirty-bitmap:NAME),
-the target a qcow2 image served by qemu-nbd whose backing file is the
-previous backup, so what is not copied reads through to it. Standard library
-only. Prints one JSON line: {"bytes": ..., "extents": ..., "seconds": ...}.
-
-    nbd_pull.py SOURCE_SOCKET SOURCE_EXPORT BITMAP TARGET_SOCKET [TARGET_EXPORT]
+It reads QEMU's point-in-time view of a disk (with a metadata context: a dirty
+bitmap, `qemu:dirty-bitmap:NAME`, or `base:allocation`) and writes into a
+qcow2 image that qemu-nbd serves, at the same offsets.
 """
 
 from __future__ import annotations
 
-import json
 import socket
 import struct
-import sys
-import time
 
 NBD_MAGIC = b"NBDMAGIC"
 OPTS_MAGIC = 0x49484156454F5054  # "IHAVEOPT"
@@ -46,12 +39,14 @@ REPLY_TYPE_NONE = 0
 REPLY_TYPE_OFFSET_DATA = 1
 REPLY_TYPE_OFFSET_HOLE = 2
 REPLY_TYPE_BLOCK_STATUS = 5
+# Flags of block status: a dirty bitmap's context, and base:allocation's.
 STATE_DIRTY = 1
+STATE_ZERO = 2
 MAX_REQUEST = 32 * 1024 * 1024
 
 
 class NBDError(Exception):
-    pass
+    """The NBD peer refused something or broke the protocol."""
 
 
 class NBDClient:
@@ -146,23 +141,28 @@ class NBDClient:
             if flags & REPLY_FLAG_DONE:
                 return
 
-    def dirty_extents(self):
-        """(offset, length) of every dirty extent of the metadata context."""
+    def extents(self):
+        """(offset, length, flags) of every extent of the metadata context, in order.
+
+        One window of block status is read whole before its extents are
+        yielded, so a caller may send other requests in between; memory is
+        bounded by one window, whatever the size of the disk.
+        """
         offset = 0
         while offset < self.size:
             length = min(self.size - offset, 0x80000000)
             handle = self._request(CMD_BLOCK_STATUS, offset, length)
-            got = 0
+            window, got = [], 0
             for kind, payload in self._replies(handle):
                 if kind != REPLY_TYPE_BLOCK_STATUS:
                     continue
                 for index in range(4, len(payload), 8):
                     extent, flags = struct.unpack(">II", payload[index:index + 8])
-                    if flags & STATE_DIRTY:
-                        yield offset + got, extent
+                    window.append((offset + got, extent, flags))
                     got += extent
             if got == 0:
                 raise NBDError("the NBD server gave no block status at %d" % offset)
+            yield from window
             offset += got
 
     def read(self, offset, length):
@@ -190,34 +190,24 @@ class NBDClient:
             self.sock.close()
 
 
-def main(argv):
-    if len(argv) not in (5, 6):
-        sys.stderr.write(__doc__)
-        return 2
-    source_socket, source_export, bitmap, target_socket = argv[1:5]
-    target_export = argv[5] if len(argv) == 6 else ""
-    start = time.monotonic()
-    source = NBDClient(source_socket, source_export, "qemu:dirty-bitmap:" + bitmap)
-    target = NBDClient(target_socket, target_export)
+def copy_extents(source, target, wanted, progress=None):
+    """Copy what `wanted(flags)` selects from source to target, at the same offsets.
+
+    Returns (bytes copied, extents). `progress(bytes copied)` is called after
+    each request, so a caller can report and stop a long copy.
+    """
     if target.size != source.size:
         raise NBDError("the target (%d bytes) is not as big as the source (%d bytes)" % (target.size, source.size))
-    copied = extents = 0
-    for offset, length in list(source.dirty_extents()):
-        extents += 1
+    copied = count = 0
+    for offset, length, flags in source.extents():
+        if not wanted(flags):
+            continue
+        count += 1
         for part in range(offset, offset + length, MAX_REQUEST):
             size = min(MAX_REQUEST, offset + length - part)
             target.write(part, source.read(part, size))
             copied += size
+            if progress is not None:
+                progress(copied)
     target.flush()
-    target.close()
-    source.close()
-    print(json.dumps({"bytes": copied, "extents": extents, "seconds": round(time.monotonic() - start, 3)}))
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv))
-    except (NBDError, OSError) as exc:
-        sys.stderr.write("nbd_pull: %s\n" % exc)
-        sys.exit(1)
+    return copied, count

@@ -1,0 +1,508 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: contributors to the qemu.qmp collection
+# GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qmp_backup_chain
+short_description: Back up a running VM into chains of full, incremental and differential backups; restore and verify them
+version_added: 0.1.0
+description:
+  - The backup engine of the collection, which the C(qemu.qmp.backup) role calls. One run takes a whole
+    backup on the host, on one QMP connection, from one instant across all disks, into a chain under
+    O(dir). It keeps a catalog of the chains, plans the level, creates the images, runs QEMU's jobs,
+    commits the backup (images synced, checked and summed, manifest written last), and cleans up after
+    runs that were interrupted.
+  - "Layout: O(dir)C(/CHAIN/NNNN-LEVEL/DISK.qcow2) with a manifest C(NNNN-LEVEL.json) beside each backup
+    folder. Incremental images are backed by the backup before them, differential images by the full one,
+    with relative backing file names, so a chain can be moved or copied whole."
+  - B(Never loses a write.) Each backup adds its own dirty bitmap in the transaction that starts its jobs,
+    and only reads the bitmap of the backup before. That bitmap is removed only once the new backup is
+    committed, so a failure at any step, or a run killed at any instant, leaves the next backup copying
+    every write since the last committed one.
+  - B(One run per VM at a time.) A backup holds an exclusive lock on O(dir) (C(flock) on C(.lock)) for its
+    whole run, restores and verifies a shared one. Another run waits up to O(lock_timeout), then fails
+    naming the holder. The run holds the VM's QMP socket for its whole length; give tools a second C(-qmp)
+    socket.
+  - B(Recovery.) A run first removes what an interrupted one left (the collection's jobs, block nodes, NBD
+    exports and server, C(qemu-nbd) processes, the unfinished backup's folder, and bitmaps of O(bitmap_prefix)
+    that no chain needs).
+  - B(A chain that cannot go on safely starts a new full chain, with a warning), never a wrong incremental.
+    That is a bitmap missing, inconsistent, busy or not recording, a disk carrying another backup's bitmap
+    (rolled back to an older copy, or replaced), an image missing or of the wrong size, a manifest lost or
+    damaged, a chain a verify or a restore found damaged, other disks, or a disk of another size.
+  - B(Long runs.) The run goes on in a process of its own on the host. This module's action plugin
+    follows it, printing a progress line (percent, bytes, rate, time left) every O(poll_interval) seconds,
+    for as long as it takes. When the controller stops following (killed, cancelled, its connection lost)
+    for O(controller_timeout) seconds, the run stops and undoes what it did.
+  - B(Integrity.) Each image's SHA-256 checksums (one per 64 MiB of the file) go into its manifest.
+    O(operation=restore) and O(operation=verify) recompute them and refuse a mismatch, naming the image and
+    where it differs; a damaged or missing manifest is never skipped silently.
+extends_documentation_fragment:
+  - qemu.qmp.connection
+  - qemu.qmp.attributes
+options:
+  operation:
+    description:
+      - V(backup) takes a backup of the VM whose QMP socket the connection options give.
+      - V(restore) writes one disk at O(point), flattened with the backups it is based on, into O(output), after
+        checking the checksums of every image it reads. It needs no QEMU.
+      - V(verify) checks backups without restoring them (manifests, image sizes, checksums, and
+        C(qemu-img check) with O(verify)), of every chain, one chain, or one point with what it is based on
+        (O(point)). It needs no QEMU and changes nothing.
+    type: str
+    choices: [backup, restore, verify]
+    default: backup
+  dir:
+    description: The VM's backup folder, holding its chains.
+    type: path
+    required: true
+  name:
+    description: The VM's name, recorded in each manifest. Default the last component of O(dir).
+    type: str
+  disks:
+    description: Node names of the disks to back up. Default every disk attached to the VM's devices.
+    type: list
+    elements: str
+    default: []
+  level:
+    description:
+      - V(auto) continues the newest chain with an incremental backup when it safely can, else starts a new
+        full chain. V(full), V(incremental) and V(differential) ask for that level; a chain that cannot go on
+        gives a full backup with a warning.
+    type: str
+    choices: [auto, full, incremental, differential]
+    default: auto
+  mode:
+    description:
+      - V(push) lets QEMU write the backup into target images (C(blockdev-backup)).
+      - V(pull) serves each disk as it was at the backup's instant over QEMU's NBD server (on a unix socket in a
+        private folder), with a frozen copy of the dirty bitmap, and reads what changed, as an outside backup
+        application would.
+    type: str
+    choices: [push, pull]
+    default: push
+  keep_chains:
+    description: After a committed backup, delete the oldest chains beyond this many (the chain just written counts).
+    type: int
+    default: 2
+  max_age:
+    description:
+      - Seconds. When the newest backup finished less than this long ago, take none and report no change
+        (RV(skipped)). 0 takes a backup on every run. A newest backup in the future (the host's clock was set
+        back) does not count.
+    type: float
+    default: 0
+  verify:
+    description:
+      - Run C(qemu-img check) on each new image before the manifest is written (and, with O(operation=verify),
+        on each image checked). Checksums are computed and checked in any case.
+    type: bool
+    default: true
+  guest_agent_socket:
+    description:
+      - The socket of the QEMU guest agent's channel. When set, the guest's file systems are frozen
+        (C(guest-fsfreeze-freeze)) for the instant the backup starts, and thawed right after.
+    type: path
+  bitmap_prefix:
+    description: Prefix of the dirty bitmaps the backups manage. Bitmaps of this prefix that no chain needs are removed.
+    type: str
+    default: qemu-qmp-backup
+  cluster_size:
+    description: Cluster size of the backup images, in bytes (best equal to the bitmaps' granularity).
+    type: int
+    default: 65536
+  target_direct:
+    description:
+      - V(true) writes the images with O_DIRECT and native AIO, bypassing the page cache; V(false) writes through
+        it; V(auto) uses O_DIRECT where the folder's file system takes it.
+    type: str
+    choices: [auto, "true", "false"]
+    default: auto
+  target_options:
+    description: Further qcow2 creation options of the images, as C(blockdev-create) takes them.
+    type: dict
+    default: {}
+  perf:
+    description: The backup jobs' performance options (QEMU's C(x-perf)), used where QEMU has them.
+    type: dict
+    default: {}
+  speed:
+    description: Limit each disk's job to this many bytes per second; 0, no limit.
+    type: int
+    default: 0
+  qemu_img:
+    description:
+      - The C(qemu-img) to check, create (pull mode) and restore images with. Pull mode runs the C(qemu-nbd)
+        beside it (or from E(PATH)).
+    type: str
+    default: qemu-img
+  point:
+    description:
+      - With O(operation=restore), the backup to restore. V(latest) (the newest backup of the newest chain),
+        a chain id (its newest backup), or C(CHAIN/SEQUENCE). A damaged point is an error, never a reason to
+        pick an older one. Default V(latest).
+      - With O(operation=verify), what to check. V(all) (every chain), a chain id (the whole chain), or V(latest)
+        or C(CHAIN/SEQUENCE) (that point and the backups it is based on). Default V(all).
+    type: str
+  disk:
+    description: With O(operation=restore), the node name of the disk to restore.
+    type: str
+  output:
+    description:
+      - With O(operation=restore), the image to write. It appears only once complete and checked (written
+        beside it under a temporary name, then renamed).
+    type: path
+  force:
+    description: With O(operation=restore), overwrite O(output) when it exists.
+    type: bool
+    default: false
+  lock_timeout:
+    description: Seconds to wait for another run on O(dir) to end; 0 fails at once, naming it.
+    type: float
+    default: 0
+  poll_interval:
+    description: Seconds between two progress reports.
+    type: float
+    default: 5
+  controller_timeout:
+    description:
+      - Seconds the run goes on when nobody follows it any more (the controller was killed or cancelled, or its
+        connection lost). Then it stops, and undoes what it did (an uncommitted backup is removed, its bitmaps
+        given back).
+      - At least three poll intervals and five seconds, whatever is set.
+    type: float
+    default: 60
+attributes:
+  check_mode:
+    description:
+      - A backup is planned against the live VM and its chains, without changing either; the result shows the
+        level, chain, disks, bytes to copy (from the bitmaps' counts), the bitmaps it would read, add and drop,
+        and what it would clean up. A restore checks the point and reports it. A verify runs as usual (it only reads).
+    support: full
+  diff_mode:
+    description: A backup has no before and after to show.
+    support: none
+notes:
+  - O(wait_timeout) bounds how long the backup may take (default 86400 seconds); O(timeout) bounds the connection
+    and each QMP answer.
+  - The host needs Python's standard library, and C(qemu-img) (and C(qemu-nbd) for pull mode). The controller needs
+    ansible-core alone.
+  - Idempotence. Each backup run takes a backup, which is its point; with O(max_age) a run is unchanged until one is
+    due. A verify never changes anything.
+author:
+  - qemu.qmp maintainers (@qemu-qmp)
+"""
+
+EXAMPLES = r"""
+- name: Back up vm1, continuing its newest chain when it safely can
+  qemu.qmp.qmp_backup_chain:
+    socket: /run/qemu/vm1.qmp
+    dir: /var/lib/backup/vm1
+  register: backup
+
+- name: Show what was taken
+  ansible.builtin.debug:
+    msg: "{{ backup.level }} backup {{ backup.sequence }} of chain {{ backup.chain }}: {{ backup.bytes_copied }} bytes"
+
+- name: Check every chain of vm1 against its checksums
+  qemu.qmp.qmp_backup_chain:
+    dir: /var/lib/backup/vm1
+    operation: verify
+
+- name: Restore disk0 as of the newest backup
+  qemu.qmp.qmp_backup_chain:
+    dir: /var/lib/backup/vm1
+    operation: restore
+    disk: disk0
+    output: /var/lib/qemu/vm1-disk0.qcow2
+"""
+
+RETURN = r"""
+skipped:
+  description: With O(max_age), true when no backup was due.
+  returned: operation is backup
+  type: bool
+reason:
+  description: Why no backup was taken.
+  returned: when RV(skipped)
+  type: str
+level:
+  description: The level taken (or, in check mode, that would be taken); for a restore, the restored point's.
+  returned: when a backup was taken or planned, and for a restore
+  type: str
+  sample: incremental
+chain:
+  description: The chain's id.
+  returned: when a backup was taken or planned, and for a restore
+  type: str
+  sample: 20261201T153000Z
+sequence:
+  description: The backup's number in its chain (0 is the full backup).
+  returned: when a backup was taken or planned, and for a restore
+  type: int
+based_on:
+  description: The sequence of the backup its images are backed by, or null for a full backup.
+  returned: when a backup was taken or planned
+  type: int
+dir:
+  description: The backup's folder.
+  returned: when a backup was taken or planned
+  type: str
+manifest:
+  description: The path of its manifest.
+  returned: when a backup was taken or planned
+  type: str
+disks:
+  description:
+    - The disks, as the manifest records them. In check mode, the plan of each disk.
+  returned: when a backup was taken or planned
+  type: list
+  elements: dict
+  contains:
+    node:
+      description: The disk's block node.
+      type: str
+    device:
+      description: The device it is attached to.
+      type: str
+    image:
+      description: Its image, relative to the chain's folder.
+      type: str
+    backing:
+      description: The image it is backed by, relative to the chain's folder (null for a full backup).
+      type: str
+    virtual_size:
+      description: The disk's size in bytes.
+      type: int
+    image_size:
+      description: The image file's size in bytes.
+      type: int
+    bytes_copied:
+      description: Bytes the job copied.
+      type: int
+    bytes_to_copy:
+      description: In check mode, bytes the job would copy (the bitmap's count; a full backup's virtual size).
+      type: int
+    duration:
+      description: Seconds from the start of the jobs until this disk's job ended.
+      type: float
+    checked:
+      description: Whether C(qemu-img check) passed on the image.
+      type: bool
+    digest:
+      description: The image file's SHA-256 checksums, one per C(chunk_size) bytes.
+      type: dict
+bitmaps:
+  description: In check mode, the bitmaps the backup would read, add, and drop once committed.
+  returned: in check mode
+  type: dict
+  sample: {"read": "qemu-qmp-backup-20261201T153000Z-0003", "add": ["qemu-qmp-backup-20261201T153000Z-0004"],
+           "drop_after_commit": ["qemu-qmp-backup-20261201T153000Z-0003"]}
+would_clean:
+  description: In check mode, what the backup would first remove that an interrupted run left.
+  returned: in check mode
+  type: list
+  elements: str
+would_remove_chains:
+  description: In check mode, the chains the backup would delete once committed.
+  returned: in check mode
+  type: list
+  elements: str
+last_finished:
+  description: With RV(skipped), when the newest backup finished.
+  returned: when RV(skipped)
+  type: str
+bytes_copied:
+  description: Bytes the jobs copied, all disks together.
+  returned: when a backup was taken
+  type: int
+bytes_to_copy:
+  description: In check mode, bytes the backup would copy (the bitmaps' counts; a full backup's virtual size).
+  returned: in check mode
+  type: int
+duration:
+  description: Seconds the backup took on the host, until its manifest was written (or the restore, or the verify).
+  returned: when a backup was taken, and for a restore and a verify
+  type: float
+cleaned:
+  description: What this run removed that an interrupted run had left (in check mode, see RV(would_clean)).
+  returned: when a backup was taken
+  type: list
+  elements: str
+removed_chains:
+  description: Chains deleted after the backup, beyond O(keep_chains).
+  returned: when a backup was taken
+  type: list
+  elements: str
+messages:
+  description: The warnings of the run (also shown as Ansible warnings), such as why a new chain was started.
+  returned: always
+  type: list
+  elements: str
+output:
+  description: The restored image.
+  returned: for a restore
+  type: str
+disk:
+  description: The disk restored.
+  returned: for a restore
+  type: str
+image:
+  description: The backup image restored (with the images it is based on).
+  returned: for a restore
+  type: str
+finished:
+  description: When the restored backup finished.
+  returned: for a restore
+  type: str
+would_verify:
+  description: In check mode, the backups whose checksums a restore would check.
+  returned: for a restore in check mode
+  type: list
+  elements: str
+images:
+  description: For a verify, how many images were checked.
+  returned: for a verify
+  type: int
+verified:
+  description: The backups (C(CHAIN/NNNN-LEVEL)) whose images were checked.
+  returned: for a restore and a verify
+  type: list
+  elements: str
+problems:
+  description: For a verify, what is wrong, each naming the file and where.
+  returned: for a verify
+  type: list
+  elements: str
+qmp_commands:
+  description: The QMP commands the run sent (a long run lists the first ones, then how many were left out).
+  returned: for a backup
+  type: list
+  elements: dict
+"""
+
+import os
+
+from ansible_collections.qemu.qmp.plugins.module_utils import detached_run
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_engine import Engine, Settings
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule, error_result
+
+# A backup's jobs may run for a day; waits of QEMU's own (a job cancelled, an image created) do not.
+DEFAULT_WAIT = 86400.0
+
+
+def failure(exc, extra=None):
+    """A QMP or engine error as a failed module result (the one conversion the detached run uses)."""
+    msg, fields = error_result(exc)
+    fields.update(extra or {})
+    fields.update(failed=True, msg=msg)
+    return fields
+
+
+def finish(qm, result):
+    """Exit with a result of the engine: its warnings shown as Ansible warnings, and kept as `messages`."""
+    warnings = result.pop("warnings", None) or []
+    result.setdefault("messages", list(warnings))
+    result.setdefault("qmp_commands", qm.commands)
+    for warning in warnings:
+        qm.module.warn(warning)
+    if result.get("failed"):
+        qm.module.fail_json(**result)
+    qm.module.exit_json(**result)
+
+
+def main():
+    qm = QMPModule(
+        argument_spec=dict(
+            operation=dict(type="str", default="backup", choices=["backup", "restore", "verify"]),
+            dir=dict(type="path", required=True),
+            name=dict(type="str"),
+            disks=dict(type="list", elements="str", default=[]),
+            level=dict(type="str", default="auto", choices=["auto", "full", "incremental", "differential"]),
+            mode=dict(type="str", default="push", choices=["push", "pull"]),
+            keep_chains=dict(type="int", default=2),
+            max_age=dict(type="float", default=0),
+            verify=dict(type="bool", default=True),
+            guest_agent_socket=dict(type="path"),
+            bitmap_prefix=dict(type="str", default="qemu-qmp-backup"),
+            cluster_size=dict(type="int", default=65536),
+            target_direct=dict(type="str", default="auto", choices=["auto", "true", "false"]),
+            target_options=dict(type="dict", default={}),
+            perf=dict(type="dict", default={}),
+            speed=dict(type="int", default=0),
+            qemu_img=dict(type="str", default="qemu-img"),
+            point=dict(type="str"),
+            disk=dict(type="str"),
+            output=dict(type="path"),
+            force=dict(type="bool", default=False),
+            lock_timeout=dict(type="float", default=0),
+            poll_interval=dict(type="float", default=5),
+            controller_timeout=dict(type="float", default=60),
+        ),
+        required_if=[("operation", "restore", ["disk", "output"])],
+    )
+    params = qm.params
+    operation = params["operation"]
+    for option, low in (("poll_interval", 0.01), ("controller_timeout", 1), ("lock_timeout", 0), ("max_age", 0)):
+        if not low <= params[option] <= 1e9:
+            qm.fail("%s must be a number of seconds from %g to 1000000000, not %r" % (option, low, params[option]))
+    if params["keep_chains"] < 1:
+        qm.fail("keep_chains must be 1 or more (the chain just written is always kept), not %d" % params["keep_chains"])
+    settings = Settings(dict(
+        params, dir=os.path.abspath(params["dir"]),
+        name=params["name"] or os.path.basename(os.path.normpath(params["dir"])),
+        point=params["point"] or ("latest" if operation == "restore" else "all"),
+        wait_timeout=params["wait_timeout"] or DEFAULT_WAIT))
+    engine = Engine(qm, settings, detached_run.Reporter())
+
+    if operation == "backup":
+        if not (params["socket"] or params["host"] or os.environ.get("QMP_SOCKET")):
+            qm.fail("no QMP connection given: set socket (or the QMP_SOCKET environment variable), or host and port")
+        last_finished, reason = engine.skip_reason()
+        if reason:
+            finish(qm, dict(changed=False, skipped=True, last_finished=last_finished, reason=reason,
+                            warnings=engine.warnings, qmp_commands=[]))
+        if qm.check_mode:
+            try:
+                engine.refuse_while_running()
+            except QMPError as exc:
+                finish(qm, failure(exc))
+            with qm.connected():
+                try:
+                    result = engine.plan_only()
+                except QMPError as exc:
+                    result = failure(exc, {"qmp_commands": qm.commands, "warnings": engine.warnings})
+            finish(qm, result)
+    elif operation == "restore" and qm.check_mode:
+        try:
+            result = engine.restore_plan()
+        except QMPError as exc:
+            result = failure(exc)
+        finish(qm, result)
+
+    work = {"backup": engine.backup, "restore": engine.restore, "verify": engine.verify}[operation]
+
+    def run(reporter):
+        engine.reporter = engine.tool.reporter = reporter
+        try:
+            result = work()
+        except QMPError as exc:
+            result = failure(exc, {"warnings": engine.warnings})
+        result["messages"] = list(result.get("warnings", []))
+        return result
+
+    # Never shorter than a few polls: a slow poll must not look like a controller gone.
+    controller_timeout = max(params["controller_timeout"], 3 * params["poll_interval"] + 5)
+    finished, status = detached_run.start(run, params["poll_interval"], controller_timeout)
+    if not finished:
+        qm.module.exit_json(changed=True, running=True, run=status["run"], line=status.get("line", ""),
+                            poll_interval=params["poll_interval"], controller_timeout=controller_timeout)
+    finish(qm, status)
+
+
+if __name__ == "__main__":
+    main()
