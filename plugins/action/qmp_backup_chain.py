@@ -64,6 +64,11 @@ class ActionModule(ActionBase):
         return json.loads(lines[-1])
 
     def follow(self, host, run, interval, controller_timeout):
+        result = self.follow_run(host, run, interval, controller_timeout)
+        result.setdefault("qmp_commands", [])
+        return result
+
+    def follow_run(self, host, run, interval, controller_timeout):
         heard = time.monotonic()
         last_error = None
         while True:

@@ -31,6 +31,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -47,8 +48,16 @@ class Abandoned(QMPError):
 
 
 def runs_dir():
-    base = os.environ.get(RUNS_DIR_ENV) or os.path.join(tempfile.gettempdir(), "qemu-qmp-runs-%d" % os.getuid())
+    """The private folder of this user's runs (in the shared temporary folder: checked to be ours alone)."""
+    if os.environ.get(RUNS_DIR_ENV):
+        os.makedirs(os.environ[RUNS_DIR_ENV], mode=0o700, exist_ok=True)
+        return os.environ[RUNS_DIR_ENV]
+    base = os.path.join(tempfile.gettempdir(), "qemu-qmp-runs-%d" % os.getuid())
     os.makedirs(base, mode=0o700, exist_ok=True)
+    info = os.lstat(base)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise QMPError("%s is not a private folder of this user (owner %d, mode %o): remove it, or set %s"
+                       % (base, info.st_uid, stat.S_IMODE(info.st_mode), RUNS_DIR_ENV))
     return base
 
 

@@ -497,7 +497,12 @@ def main():
 
     # Never shorter than a few polls: a slow poll must not look like a controller gone.
     controller_timeout = max(params["controller_timeout"], 3 * params["poll_interval"] + 5)
-    finished, status = detached_run.start(run, params["poll_interval"], controller_timeout)
+    try:
+        finished, status = detached_run.start(run, params["poll_interval"], controller_timeout)
+    except QMPError as exc:
+        finish(qm, failure(exc))
+    except OSError as exc:
+        finish(qm, {"failed": True, "msg": "cannot start the run: %s (%s)" % (exc.strerror or exc, exc.filename)})
     if not finished:
         qm.module.exit_json(changed=True, running=True, run=status["run"], line=status.get("line", ""),
                             poll_interval=params["poll_interval"], controller_timeout=controller_timeout)

@@ -242,7 +242,7 @@ DAMAGED = [
     ("truncated JSON", _truncate, "is not valid JSON"),
     ("empty file", lambda text: "", "is not valid JSON"),
     ("JSON list", lambda text: "[%s]" % text, "$: is not a JSON object"),
-    ("JSON string", lambda text: json.dumps(text), "$: is not a JSON object"),
+    ("JSON string", json.dumps, "$: is not a JSON object"),
     ("unknown format", lambda text: text.replace('"format": 2', '"format": 3'), "$.format: 3 is not a format"),
     ("no disks", lambda text: json.dumps(dict(json.loads(text), disks=[])), "$.disks"),
     ("no generation", lambda text: json.dumps(dict((k, v) for k, v in json.loads(text).items() if k != "generation")),

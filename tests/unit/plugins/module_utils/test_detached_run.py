@@ -246,8 +246,7 @@ def test_sigterm_stops_the_work(runs):
     run_dir = status["run"]["dir"]
     begin = time.monotonic()
     os.kill(started_pid(run_dir), signal.SIGTERM)
-    done = wait_for(lambda: (lambda s: s if s["state"] == "done" else None)(read_status(run_dir)),
-                    what="the end of the stopped work")
+    done = wait_for(lambda: done_status(run_dir), what="the end of the stopped work")
     assert time.monotonic() - begin < 5
     assert done["result"]["failed"] is True
     assert done["result"]["msg"] == "Abandoned: the run was asked to stop (SIGTERM)"
@@ -429,7 +428,7 @@ def test_a_slow_starting_worker_is_not_taken_for_a_dead_one(runs, monkeypatch):
     finished, result = start(lambda reporter: {"changed": True}, 0.2, 60)
     if not finished:  # followed like any slow run
         run_dir = result["run"]["dir"]
-        result = wait_for(lambda: (lambda s: s if s["state"] == "done" else None)(read_status(run_dir)))["result"]
+        result = wait_for(lambda: done_status(run_dir))["result"]
     assert result == {"changed": True}
 
 
@@ -486,3 +485,23 @@ def test_write_json_temporary_is_what_the_catalog_calls_a_temporary_manifest(tmp
     (temp,) = made
     assert os.path.dirname(temp) == str(tmp_path)
     assert MANIFEST_TEMP.match(os.path.basename(temp)), temp
+
+
+def done_status(run_dir):
+    """The run's status once it is done, else None."""
+    status = read_status(run_dir)
+    return status if status["state"] == "done" else None
+
+
+def test_runs_dir_in_the_shared_temporary_folder_must_be_private(monkeypatch, tmp_path):
+    monkeypatch.delenv(RUNS_DIR_ENV, raising=False)
+    monkeypatch.setattr(detached_run.tempfile, "gettempdir", lambda: str(tmp_path))
+    base = os.path.join(str(tmp_path), "qemu-qmp-runs-%d" % os.getuid())
+    os.mkdir(base)
+    os.chmod(base, 0o755)  # another user could read it, or have made it
+    with pytest.raises(detached_run.QMPError, match="is not a private folder of this user"):
+        detached_run.runs_dir()
+    os.rmdir(base)
+    os.symlink(str(tmp_path), base)  # a symlink planted in /tmp
+    with pytest.raises(detached_run.QMPError, match="is not a private folder of this user"):
+        detached_run.runs_dir()
