@@ -95,7 +95,7 @@ def human(size):
     """Bytes in binary units, as qemu-img prints them."""
     value = float(size or 0)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
+        if round(value, 1) < 1024 or unit == "TiB":
             return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
         value /= 1024
     return "%d B" % size
@@ -146,7 +146,8 @@ class DirLock:
                 info = json.loads(handle.read() or "{}")
         except (OSError, ValueError):
             return "another run"
-        if not info:
+        if not info or (info.get("host") == socket.gethostname() and not _running(info.get("pid") or 0)):
+            # No backup holds it (the info is a killed backup's): shared holders leave none.
             return "a restore or a verify"
         return "a backup (pid %s on %s, since %s)" % (info.get("pid"), info.get("host"), info.get("started"))
 
@@ -223,9 +224,9 @@ class Journal:
 def _running(pid):
     """Whether a process runs (a zombie does not: it only waits for its parent to reap it)."""
     try:
-        with open("/proc/%d/stat" % pid, encoding="utf-8") as handle:
+        with open("/proc/%d/stat" % int(pid), encoding="utf-8") as handle:
             return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+    except (OSError, IndexError, ValueError, TypeError):
         return False
 
 
@@ -235,22 +236,25 @@ def stop_process(pid, marker):
         pid = int(pid)
         with open("/proc/%d/cmdline" % pid, "rb") as handle:
             cmdline = handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return False
     if marker not in cmdline or not _running(pid):
         return False
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except OSError:
-        return False
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _running(pid):
-        time.sleep(0.01)
-    return True
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            return not _running(pid)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.01)
+        if not _running(pid):
+            return True
+    return False
 
 
 def direct_io_works(folder):
-    """Whether the folder's file system takes O_DIRECT writes (tmpfs does not)."""
+    """Whether the folder's file system takes O_DIRECT writes (some do not: tmpfs before Linux 6.6, some FUSE)."""
     path = os.path.join(folder, ".direct-probe")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600)
@@ -300,6 +304,9 @@ class Tool:
             proc.kill()
             proc.wait()
             raise
+        finally:
+            proc.stdout.close()
+            proc.stderr.close()
         if proc.returncode != 0:
             text = (err.decode("utf-8", "replace").strip() or out.decode("utf-8", "replace").strip()
                     or "exit code %d" % proc.returncode)
@@ -1195,15 +1202,17 @@ class PullRun(PushRun):
         try:
             source = NBDClient(nbd_socket, disk["target"],
                                "qemu:dirty-bitmap:" + frozen if frozen else "base:allocation")
-            target = NBDClient(target_socket, "")
             try:
-                if frozen:
-                    copied, dummy = copy_extents(source, target, lambda flags: flags & STATE_DIRTY, progress)
-                else:
-                    copied, dummy = copy_extents(source, target, lambda flags: not flags & STATE_ZERO, progress)
+                target = NBDClient(target_socket, "")
+                try:
+                    if frozen:
+                        copied, dummy = copy_extents(source, target, lambda flags: flags & STATE_DIRTY, progress)
+                    else:
+                        copied, dummy = copy_extents(source, target, lambda flags: not flags & STATE_ZERO, progress)
+                finally:
+                    target.close()
             finally:
                 source.close()
-                target.close()
         except (NBDError, OSError) as exc:
             raise BackupChainError("reading disk %s from QEMU's NBD export into %s: %s" % (disk["node"], path, exc))
         self.stop_nbd(pid, target_socket)

@@ -54,10 +54,18 @@ class NBDClient:
 
     def __init__(self, path, export, meta_context=None):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+        try:
+            self.sock.connect(path)
+        except OSError:
+            self.sock.close()
+            raise
         self.handle = 0
         self.context_id = None
-        self.size = self._handshake(export, meta_context)
+        try:
+            self.size = self._handshake(export, meta_context)
+        except BaseException:
+            self.sock.close()  # a refused handshake leaves no connection behind
+            raise
 
     def _recv(self, length):
         data = bytearray()
@@ -124,6 +132,8 @@ class NBDClient:
             magic = struct.unpack(">I", self._recv(4))[0]
             if magic == SIMPLE_REPLY_MAGIC:
                 error, reply_handle = struct.unpack(">IQ", self._recv(12))
+                if reply_handle != handle:
+                    raise NBDError("reply to another request")
                 if error:
                     raise NBDError("NBD error %d" % error)
                 yield REPLY_TYPE_NONE, b""
@@ -135,8 +145,9 @@ class NBDClient:
             if reply_handle != handle:
                 raise NBDError("reply to another request")
             if kind & 0x8000:
-                error = struct.unpack(">I", payload[:4])[0]
-                raise NBDError("NBD error %d: %s" % (error, payload[6:].decode(errors="replace")))
+                # error (4 bytes), message length (2), message; ERROR_OFFSET adds the offset after it.
+                error, size = struct.unpack(">IH", payload[:6])
+                raise NBDError("NBD error %d: %s" % (error, payload[6:6 + size].decode(errors="replace")))
             yield kind, payload
             if flags & REPLY_FLAG_DONE:
                 return
@@ -184,8 +195,11 @@ class NBDClient:
             pass
 
     def close(self):
+        """Say goodbye and close; a server that already hung up is no error (the first error counts)."""
         try:
             self._request(CMD_DISC)
+        except OSError:
+            pass
         finally:
             self.sock.close()
 
