@@ -25,23 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import fcntl
-import json
-import mmap
 import os
-import re
-import select
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import time
 
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_catalog import (
     DAMAGE_FILE,
     JOB_PREFIX,
-    JOURNAL_FILE,
     LOCK_FILE,
     NODE_PATTERN,
     PULL_SUFFIX,
@@ -52,7 +44,21 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_catalog import (
     keep_bitmaps,
     plan_backup,
 )
-from ansible_collections.qemu.qmp.plugins.module_utils.backup_digest import digest_mismatches, file_digest
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_digest import file_digest
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
+    DirLock,
+    Journal,
+    Tool,
+    check_image,
+    direct_io_works,
+    fsync_path,
+    iso,
+    os_error,
+    progress_text,
+    remove_tree,
+    stop_process,
+    utc_now,
+)
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_manifest import MANIFEST_FORMAT, manifest_errors
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import Abandoned, unlink_quietly, write_json
 from ansible_collections.qemu.qmp.plugins.module_utils.nbd_client import (
@@ -83,274 +89,11 @@ from ansible_collections.qemu.qmp.plugins.module_utils.qmp_state import read_bit
 MAX_COMMANDS = 400
 
 
-def utc_now():
-    return datetime.datetime.now(datetime.timezone.utc)
-
-
-def iso(moment):
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def human(size):
-    """Bytes in binary units, as qemu-img prints them."""
-    value = float(size or 0)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if round(value, 1) < 1024 or unit == "TiB":
-            return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
-        value /= 1024
-    return "%d B" % size
-
-
-def duration_text(seconds):
-    seconds = int(max(0, seconds))
-    if seconds >= 3600:
-        return "%dh%02dm" % (seconds // 3600, seconds % 3600 // 60)
-    if seconds >= 60:
-        return "%dm%02ds" % (seconds // 60, seconds % 60)
-    return "%ds" % seconds
-
-
-def _fsync_path(path, directory=False):
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _oserror(what, exc):
-    return BackupChainError("%s: %s" % (what, exc.strerror or exc), errno=exc.errno)
-
-
 class Settings:
     """What a run was asked to do (the module's parameters, by their names)."""
 
     def __init__(self, params):
         self.__dict__.update(params)
-
-
-class DirLock:
-    """The VM's backup lock: exclusive for a backup, shared for a restore or a verify."""
-
-    def __init__(self, root, exclusive, timeout, reporter, what):
-        self.path = os.path.join(root, LOCK_FILE)
-        self.exclusive = exclusive
-        self.timeout = timeout
-        self.reporter = reporter
-        self.what = what
-        self.fd = None
-
-    def holder(self):
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                info = json.loads(handle.read() or "{}")
-        except (OSError, ValueError):
-            return "another run"
-        if not info or (info.get("host") == socket.gethostname() and not _running(info.get("pid") or 0)):
-            # No backup holds it (the info is a killed backup's): shared holders leave none.
-            return "a restore or a verify"
-        return "a backup (pid %s on %s, since %s)" % (info.get("pid"), info.get("host"), info.get("started"))
-
-    def __enter__(self):
-        try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
-        except OSError as exc:
-            if self.exclusive:
-                raise _oserror("cannot open the lock file %s" % self.path, exc)
-            try:
-                self.fd = os.open(self.path, os.O_RDONLY)
-            except OSError:
-                return self  # a read-only backup store without a lock file: nothing to lock
-        mode = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fcntl.flock(self.fd, mode | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = self.holder()
-                if time.monotonic() >= deadline:
-                    os.close(self.fd)
-                    self.fd = None
-                    raise BackupChainError(
-                        "%s of %s cannot start: %s holds its lock %s%s" % (
-                            self.what, os.path.dirname(self.path), holder, self.path,
-                            "" if self.timeout else " (set a lock timeout to wait for it)"),
-                        lock=self.path)
-                self.reporter.progress("waiting for %s to end (it holds %s)" % (holder, self.path))
-                time.sleep(0.2)
-        if self.exclusive:
-            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": iso(utc_now())})
-            os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, info.encode(), 0)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            if self.exclusive:
-                os.ftruncate(self.fd, 0)
-            os.close(self.fd)
-            self.fd = None
-        return False
-
-
-class Journal:
-    """What a run started outside its backup folder, so a later run can stop it."""
-
-    def __init__(self, root):
-        self.path = os.path.join(root, JOURNAL_FILE)
-        self.data = {}
-
-    def load(self):
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                data = json.load(handle)
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def record(self, **items):
-        self.data.update(items)
-        write_json(self.path, self.data, durable=True)
-
-    def clear(self):
-        self.data = {}
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-
-def _running(pid):
-    """Whether a process runs (a zombie does not: it only waits for its parent to reap it)."""
-    try:
-        with open("/proc/%d/stat" % int(pid), encoding="utf-8") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError, ValueError, TypeError):
-        return False
-
-
-def stop_process(pid, marker):
-    """Stop a process we started, if it still runs and its command line names `marker` (pids get reused)."""
-    try:
-        pid = int(pid)
-        with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            cmdline = handle.read().replace(b"\0", b" ").decode("utf-8", "replace")
-    except (OSError, ValueError, TypeError):
-        return False
-    if marker not in cmdline or not _running(pid):
-        return False
-    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            return not _running(pid)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _running(pid):
-            time.sleep(0.01)
-        if not _running(pid):
-            return True
-    return False
-
-
-def direct_io_works(folder):
-    """Whether the folder's file system takes O_DIRECT writes (some do not: tmpfs before Linux 6.6, some FUSE)."""
-    path = os.path.join(folder, ".direct-probe")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_DIRECT", 0), 0o600)
-        try:
-            with mmap.mmap(-1, 4096) as block:
-                os.write(fd, block)
-        finally:
-            os.close(fd)
-        return hasattr(os, "O_DIRECT")
-    except OSError:
-        return False
-    finally:
-        unlink_quietly(path)
-
-
-class Tool:
-    """Runs qemu-img and friends, telling the reporter while they run, with their stderr in errors."""
-
-    def __init__(self, reporter):
-        self.reporter = reporter
-
-    def run(self, argv, what, progress=None):
-        """Run argv; `progress(text)` gets qemu-img's -p output. Returns stdout."""
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        except OSError as exc:
-            raise _oserror("%s: cannot run %s" % (what, argv[0]), exc)
-        out, err = bytearray(), bytearray()
-        streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err}
-        try:
-            while streams:
-                ready, dummy, dummy = select.select(list(streams), [], [], 1.0)
-                for fd in ready:
-                    chunk = os.read(fd, 65536)
-                    if not chunk:
-                        del streams[fd]
-                        continue
-                    streams[fd].extend(chunk)
-                    if progress is not None and streams[fd] is out:
-                        found = re.findall(rb"\(([0-9.]+)/100%\)", bytes(out[-200:]))
-                        if found:
-                            progress(float(found[-1]))
-                            del out[:-200]
-                self.reporter.check()
-            proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            proc.stdout.close()
-            proc.stderr.close()
-        if proc.returncode != 0:
-            text = (err.decode("utf-8", "replace").strip() or out.decode("utf-8", "replace").strip()
-                    or "exit code %d" % proc.returncode)
-            raise BackupChainError("%s: %s failed: %s" % (what, os.path.basename(argv[0]), text),
-                                   stderr=err.decode("utf-8", "replace"), rc=proc.returncode)
-        return out.decode("utf-8", "replace")
-
-
-def guest_ranges(tool, qemu_img, image, start, end):
-    """Which guest bytes of a disk an image holds between file offsets start and end (for messages)."""
-    try:
-        out = tool.run([qemu_img, "map", "--output=json", "-f", "qcow2", image], "mapping %s" % image)
-        extents = json.loads(out)
-    except (BackupChainError, ValueError):
-        return None
-    ranges = []
-    for extent in extents:
-        if extent.get("depth", 0) != 0 or "offset" not in extent:
-            continue
-        lo = max(start, extent["offset"])
-        hi = min(end, extent["offset"] + extent["length"])
-        if lo < hi:
-            guest = extent["start"] + lo - extent["offset"]
-            ranges.append((guest, guest + hi - lo))
-    return ranges
-
-
-def check_image(tool, qemu_img, image, recorded, node, progress):
-    """Problems of one backup image against its manifest entry: size, checksum (where it differs)."""
-    if recorded is None:
-        return []
-    try:
-        mismatches = digest_mismatches(image, recorded, progress)
-    except OSError as exc:
-        return ["image %s of disk %s cannot be read: %s" % (image, node, exc.strerror or exc)]
-    problems = []
-    for start, end, what in mismatches:
-        where = "bytes %d to %d of the file" % (start, end)
-        ranges = guest_ranges(tool, qemu_img, image, start, end)
-        if ranges:
-            where += " (guest data of disk %s at %s)" % (node, ", ".join(
-                "%s-%s" % (human(lo), human(hi)) for lo, hi in ranges[:4]) + (", ..." if len(ranges) > 4 else ""))
-        problems.append("image %s: %s: %s" % (image, what, where))
-    return problems
 
 
 class Engine:
@@ -511,7 +254,7 @@ class Engine:
         try:
             os.makedirs(self.root, mode=0o750, exist_ok=True)
         except OSError as exc:
-            raise _oserror("cannot create the backup folder %s" % self.root, exc)
+            raise os_error("cannot create the backup folder %s" % self.root, exc)
         with DirLock(self.root, True, self.s.lock_timeout, self.reporter, "a backup"):
             self.reporter.phase("connecting to QEMU")
             self.connect()
@@ -630,10 +373,10 @@ class Engine:
         with self.step("sync"):
             for disk in plan["disks"]:
                 try:
-                    _fsync_path(disk["image_path"])
+                    fsync_path(disk["image_path"])
                 except OSError as exc:
-                    raise _oserror("syncing image %s of disk %s" % (disk["image_path"], disk["node"]), exc)
-            _fsync_path(plan["dir"], directory=True)
+                    raise os_error("syncing image %s of disk %s" % (disk["image_path"], disk["node"]), exc)
+            fsync_path(plan["dir"], directory=True)
         checked = bool(self.s.verify)
         if checked:
             for disk in plan["disks"]:
@@ -672,7 +415,7 @@ class Engine:
         self.reporter.can_abandon = False
         try:
             os.unlink(os.path.join(plan["dir"], UNFINISHED))
-            _fsync_path(plan["dir"], directory=True)
+            fsync_path(plan["dir"], directory=True)
         except OSError as exc:
             self.warnings.append("the backup is committed, but its marker %s could not be removed (%s); the next "
                                  "run removes it" % (os.path.join(plan["dir"], UNFINISHED), exc.strerror or exc))
@@ -688,14 +431,14 @@ class Engine:
                     self.reporter.progress("%s: checksums of %s: %s" % (
                         self.announce(plan), disk["image"], progress_text(disk["node"], done, size, None)))))
             except OSError as exc:
-                raise _oserror("computing the checksums of image %s of disk %s" % (disk["image_path"], disk["node"]), exc)
+                raise os_error("computing the checksums of image %s of disk %s" % (disk["image_path"], disk["node"]), exc)
         return digests
 
     def write_manifest(self, plan, manifest):
         try:
             write_json(plan["manifest_path"], manifest, durable=True, mode=0o640, indent=2)
         except OSError as exc:
-            raise _oserror("writing the manifest %s" % plan["manifest_path"], exc)
+            raise os_error("writing the manifest %s" % plan["manifest_path"], exc)
 
     def rollback(self, plan, run):
         """Undo an uncommitted backup; returns what could not be undone (text), or None."""
@@ -713,7 +456,7 @@ class Engine:
             attempt("removing the bitmaps it added", lambda: self.remove_added_bitmaps(plan))
         else:
             failures.append("QEMU is not connected any more")
-        attempt("removing %s" % plan["dir"], lambda: _remove_tree(plan["dir"]))
+        attempt("removing %s" % plan["dir"], lambda: remove_tree(plan["dir"]))
         if os.path.isdir(plan["chain_dir"]) and not os.listdir(plan["chain_dir"]):
             attempt("removing %s" % plan["chain_dir"], lambda: os.rmdir(plan["chain_dir"]))
         if not failures:
@@ -746,7 +489,7 @@ class Engine:
         catalog = Catalog(self.root)
         for chain in chains_to_delete(catalog, self.s.keep_chains, plan["chain"]):
             try:
-                _remove_tree(chain.dir)
+                remove_tree(chain.dir)
                 removed.append(chain.id)
             except OSError as exc:
                 self.warnings.append("old chain %s could not be deleted: %s" % (chain.dir, exc.strerror or exc))
@@ -881,9 +624,9 @@ class Engine:
                                   "restoring disk %s from backup %s: %.1f%%" % (node, backup.label, percent)))
                 self.reporter.phase("checking the restored image")
                 self.tool.run([self.s.qemu_img, "check", "-q", "-f", "qcow2", tmp], "checking the restored image")
-                _fsync_path(tmp)
+                fsync_path(tmp)
                 os.rename(tmp, output)
-                _fsync_path(folder, directory=True)
+                fsync_path(folder, directory=True)
             except BaseException:
                 unlink_quietly(tmp)
                 raise
@@ -985,22 +728,6 @@ class Engine:
         return problems
 
 
-def _remove_tree(path):
-    if os.path.isdir(path):
-        shutil.rmtree(path)
-
-
-def progress_text(node, current, total, elapsed):
-    """disk0 45.2% (12.0 MiB of 26.5 MiB) at 30.1 MiB/s, 1s left."""
-    text = "%s %.1f%% (%s of %s)" % (node, 100.0 * current / total if total else 0.0, human(current), human(total))
-    if elapsed and current:
-        rate = current / elapsed
-        text += " at %s/s" % human(rate)
-        if total > current:
-            text += ", %s left" % duration_text((total - current) / rate)
-    return text
-
-
 class PushRun:
     """QEMU writes the backup into target images (blockdev-backup)."""
 
@@ -1018,10 +745,10 @@ class PushRun:
             os.makedirs(plan["chain_dir"], mode=0o750, exist_ok=True)
             os.mkdir(plan["dir"], 0o750)
             open(os.path.join(plan["dir"], UNFINISHED), "w").close()
-            _fsync_path(plan["dir"], directory=True)
-            _fsync_path(plan["chain_dir"], directory=True)
+            fsync_path(plan["dir"], directory=True)
+            fsync_path(plan["chain_dir"], directory=True)
         except OSError as exc:
-            raise _oserror("creating the backup folder %s" % plan["dir"], exc)
+            raise os_error("creating the backup folder %s" % plan["dir"], exc)
 
     def file_options(self):
         # O_DIRECT with native AIO bypasses the page cache: a full backup takes about 0.6 times as long

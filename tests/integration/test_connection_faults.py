@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPClient
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPClient, QMPError
 
 
 class _Peer(threading.Thread):
@@ -146,17 +146,32 @@ def _non_loopback_address():
     return None if address.startswith("127.") else address
 
 
+def _tcp_vm(vm_factory, addresses):
+    """A QEMU with a QMP TCP server on each address; (vm, ports). A port taken meanwhile by another test
+    makes QEMU exit at start: then again, with other ports."""
+    for attempt in range(5):
+        ports = [_free_port() for dummy in addresses]
+        args = []
+        for address, port in zip(addresses, ports):
+            args += ["-qmp", "tcp:%s:%d,server=on,wait=off" % (address, port)]
+        try:
+            return vm_factory("tcp%d" % attempt, qmp_socket=False, args=args), ports
+        except (RuntimeError, QMPError):
+            if attempt == 4:
+                raise
+    return None
+
+
 def test_tcp(workdir, vm_factory, ansible):
-    port = _free_port()
-    vm = vm_factory(qmp_socket=False, args=["-qmp", "tcp:0.0.0.0:%d,server=on,wait=off" % port])
+    address = _non_loopback_address()
+    vm, ports = _tcp_vm(vm_factory, ["127.0.0.1"] + ([address] if address else []))
     time.sleep(0.2)
-    result = ansible.run("qmp_info", {"host": "127.0.0.1", "port": port, "gather": ["status"]}, vm=vm)
+    result = ansible.run("qmp_info", {"host": "127.0.0.1", "port": ports[0], "gather": ["status"]}, vm=vm)
     assert result["status"] == "prelaunch"
     assert not result.get("warnings")
-    address = _non_loopback_address()
     if address is None:
         pytest.skip("this machine has no non-loopback address")
-    result = ansible.run("qmp_info", {"host": address, "port": port, "gather": ["status"]}, vm=vm)
+    result = ansible.run("qmp_info", {"host": address, "port": ports[1], "gather": ["status"]}, vm=vm)
     assert result["status"] == "prelaunch"
     assert any("no authentication" in w for w in result["warnings"])
 

@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: contributors to the qemu.qmp collection
 # GNU General Public License v3.0+ (see LICENSES/GPL-3.0-or-later.txt or https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Unit tests of backup_engine's pure and host-side helpers: formatting, the folder lock, the journal,
+"""Unit tests of backup_host, the engine's host-side helpers: formatting, the folder lock, the journal,
 stopping processes, the O_DIRECT probe, running tools, and naming damaged guest data in images.
 
 The engine's QMP work is tested against a real QEMU elsewhere (tests/integration).
@@ -24,13 +24,12 @@ import time
 
 import pytest
 
-from ansible_collections.qemu.qmp.plugins.module_utils import backup_engine as engine
+from ansible_collections.qemu.qmp.plugins.module_utils import backup_host as engine
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_catalog import JOURNAL_FILE, LOCK_FILE, BackupChainError
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_digest import CHUNK_SIZE, file_digest
-from ansible_collections.qemu.qmp.plugins.module_utils.backup_engine import (
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
     DirLock,
     Journal,
-    Settings,
     Tool,
     check_image,
     direct_io_works,
@@ -73,7 +72,7 @@ class Reporter:
 
 
 class OSProxy:
-    """The os module as backup_engine sees it, with some calls replaced (monkeypatch it in as engine.os)."""
+    """The os module as backup_host sees it, with some calls replaced (monkeypatch it in as engine.os)."""
 
     def __init__(self, **replaced):
         self.__dict__.update(replaced)
@@ -129,12 +128,6 @@ def test_iso_and_utc_now():
     now = utc_now()
     assert now.utcoffset() == datetime.timedelta(0)
     assert abs((datetime.datetime.now(datetime.timezone.utc) - now).total_seconds()) < 60
-
-
-def test_settings_are_the_parameters():
-    settings = Settings({"dir": "/backups/vm1", "level": "incremental", "lock_timeout": 0})
-    assert (settings.dir, settings.level, settings.lock_timeout) == ("/backups/vm1", "incremental", 0)
-    assert not hasattr(settings, "mode")
 
 
 # -- DirLock ------------------------------------------------------------------------
@@ -439,7 +432,7 @@ def test_a_zombie_does_not_run(children):
 
 
 class _FastClock:
-    """backup_engine's `time` with a clock running a second per reading: its 10 s waits pass at once."""
+    """backup_host's `time` with a clock running a second per reading: its 10 s waits pass at once."""
 
     def __init__(self):
         self.now = 1000.0
