@@ -289,7 +289,9 @@ class Engine:
         return {
             "changed": True, "skipped": False, "level": plan["level"], "chain": plan["chain"],
             "sequence": plan["sequence"], "based_on": plan["based_on"], "dir": plan["dir"],
-            "manifest": plan["manifest_path"], "disks": manifest["disks"], "duration": manifest["duration"],
+            "manifest": plan["manifest_path"], "duration": manifest["duration"],
+            # The checksums stay in the manifest: a big disk has thousands.
+            "disks": [dict((k, v) for k, v in d.items() if k != "digest") for d in manifest["disks"]],
             "bytes_copied": sum(d["bytes_copied"] for d in manifest["disks"]),
             "cleaned": self.cleaned, "removed_chains": removed, "warnings": self.warnings,
             "timings": self.timings, "qmp_commands": self.commands(),

@@ -25,6 +25,8 @@ DEFAULT_TIMEOUT = 30.0
 # query-qmp-schema is about 240 KB; anything near this limit is not QMP.
 DEFAULT_MAX_REPLY_SIZE = 64 * 1024 * 1024
 _RECV_SIZE = 256 * 1024
+# Events nobody waits for pile up over a long connection (a backup of a day): keep the newest ones.
+MAX_BUFFERED_EVENTS = 10000
 
 
 class QMPError(Exception):
@@ -108,7 +110,7 @@ class QMPClient:
         self.max_reply_size = max_reply_size
         self.address = describe_address(socket_path, host, port)
         self.greeting = None
-        self.events = collections.deque()
+        self.events = collections.deque(maxlen=MAX_BUFFERED_EVENTS)
         self._sock = None
         self._buffer = bytearray()
         self._ids = itertools.count(1)

@@ -257,7 +257,8 @@ manifest:
   type: str
 disks:
   description:
-    - The disks, as the manifest records them. In check mode, the plan of each disk.
+    - The disks, as the manifest records them (without the checksums, which stay in the manifest). In check
+      mode, the plan of each disk.
   returned: when a backup was taken or planned
   type: list
   elements: dict
@@ -292,9 +293,6 @@ disks:
     checked:
       description: Whether C(qemu-img check) passed on the image.
       type: bool
-    digest:
-      description: The image file's SHA-256 checksums, one per C(chunk_size) bytes.
-      type: dict
 bitmaps:
   description: In check mode, the bitmaps the backup would read, add, and drop once committed.
   returned: in check mode

@@ -739,3 +739,12 @@ def test_client_schema_fetches_once_and_uses_the_disk_cache(serve, sock_path, tm
     with QMPClient(sock_path, timeout=TIMEOUT) as client:
         assert client.schema(cache_dir=cache).has_command("query-status")
     assert server.commands_received() == ["qmp_capabilities", "query-qmp-schema", "qmp_capabilities"]
+
+
+def test_events_nobody_waits_for_keep_only_the_newest(monkeypatch, sock_path):
+    from ansible_collections.qemu.qmp.plugins.module_utils import qmp_client  # pylint: disable=import-outside-toplevel
+    monkeypatch.setattr(qmp_client, "MAX_BUFFERED_EVENTS", 3)
+    client = QMPClient(socket_path=sock_path)
+    for number in range(5):
+        client.events.append({"event": "E", "data": {"n": number}})
+    assert [e["data"]["n"] for e in client.events] == [2, 3, 4]
