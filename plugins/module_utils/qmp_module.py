@@ -31,6 +31,9 @@ from ansible_collections.qemu.qmp.plugins.module_utils.qmp_schema import (
 
 SOCKET_ENV = "QMP_SOCKET"
 
+# What a secret is shown as, in qmp_commands and in messages.
+REDACTED = "********"
+
 # Python's sockets refuse timeouts much beyond this (about 292 years of nanoseconds).
 MAX_TIMEOUT = 1e9
 
@@ -41,6 +44,40 @@ _READ_ONLY_GUEST_AGENT = frozenset(["guest-info", "guest-ping", "guest-sync", "g
 
 def is_query(command):
     return command.startswith(_READ_ONLY_PREFIXES) or command in _READ_ONLY_GUEST_AGENT
+
+
+def secret_strings(value):
+    """The strings Ansible's no_log hides for `value` (its texts and numbers, nested ones too)."""
+    if isinstance(value, (bytes, str)):
+        return [value.decode("utf-8", "replace") if isinstance(value, bytes) else value] if value else []
+    if value is None or isinstance(value, bool):
+        return []
+    if isinstance(value, (int, float)):
+        return [str(value)]
+    if isinstance(value, dict):
+        value = list(value.values())
+    strings = []
+    for item in value:
+        strings.extend(secret_strings(item))
+    return strings
+
+
+def redacted(arguments, paths):
+    """A copy of `arguments` with the values at `paths` (argument names, dotted for nested
+    ones: "props.data") replaced by REDACTED; `arguments` itself is left as it is."""
+    if not arguments or not paths:
+        return arguments
+    copy = dict(arguments)
+    for path in paths:
+        name, dummy, rest = path.partition(".")
+        if name not in copy:
+            continue
+        if rest:
+            if isinstance(copy[name], dict):
+                copy[name] = redacted(copy[name], [rest])
+        else:
+            copy[name] = REDACTED
+    return copy
 
 
 def connection_argument_spec():
@@ -100,6 +137,7 @@ class QMPModule:
         self.changed = False
         self._schema = None
         self._validation_warned = False
+        self._secrets = []
         # Checked before any socket sees them: sockets refuse such values with bare Python errors.
         for option in ("timeout", "wait_timeout"):
             if option == "wait_timeout" and self.params[option] is None:
@@ -138,6 +176,17 @@ class QMPModule:
         """
         return _Connection(self, absent_ok)
 
+    def open_connection(self):
+        """Connect and keep the client, raising the collection's errors instead of failing (detached runs)."""
+        client = self._client()
+        client.connect()
+        self.client = client
+
+    def close_connection(self):
+        client, self.client = self.client, None
+        if client is not None:
+            client.close()
+
     @property
     def version(self):
         return self.client.version
@@ -175,15 +224,41 @@ class QMPModule:
         self._record(command, arguments)
         return self.client.execute(command, arguments)
 
-    def change(self, command, arguments=None, timeout=None):
-        """Run a command that changes QEMU; in check mode only validate and record it."""
+    def change(self, command, arguments=None, timeout=None, redact=None):
+        """Run a command that changes QEMU; in check mode only validate and record it.
+
+        `redact` lists the arguments that hold secrets (see `redacted`): QEMU gets them as
+        they are, `qmp_commands` shows REDACTED, and their values are hidden (see `hide`).
+        """
         self.changed = True
+        recorded = redacted(arguments, redact)
+        if recorded is not arguments:
+            self.hide(*[value for path in redact for value in _values_at(arguments, path)])
         if self.check_mode:
             self.validate(command, arguments)
-            self._record(command, arguments)
+            self._record(command, recorded)
             return None
-        self._record(command, arguments)
+        self._record(command, recorded)
         return self.client.execute(command, arguments, timeout=timeout)
+
+    def hide(self, *values):
+        """Keep secrets out of everything the module returns.
+
+        Ansible hides them as it hides the values of no_log options, anywhere in the result
+        (QEMU's error text too); messages the module builds show REDACTED instead.
+        """
+        for value in values:
+            for text in secret_strings(value):
+                if text not in self._secrets:
+                    self._secrets.append(text)
+                self.module.no_log_values.add(text)
+        self._secrets.sort(key=len, reverse=True)  # a secret inside a longer one goes last
+
+    def scrub(self, text):
+        """`text` with each hidden value replaced by REDACTED."""
+        for secret in getattr(self, "_secrets", ()):
+            text = text.replace(secret, REDACTED)
+        return text
 
     def validate(self, command, arguments):
         """Fail the way QEMU would if the arguments do not fit its schema."""
@@ -198,6 +273,7 @@ class QMPModule:
                                  "QEMU's schema: %s" % exc)
             return
         if errors:
+            errors = [self.scrub(error) for error in errors]
             self.fail("QEMU would refuse %s: %s" % (command, "; ".join(errors)),
                       validation_errors=errors)
 
@@ -234,12 +310,21 @@ class QMPModule:
 
     def fail(self, msg, **result):
         result["qmp_commands"] = self.commands
+        msg = self.scrub(msg)
         self.module.fail_json(msg=msg, **result)
 
     def fail_from(self, exc):
         """The single place where the collection's errors become a failed result."""
         msg, result = error_result(exc)
         self.fail(msg, **result)
+
+
+def _values_at(arguments, path):
+    """The value at a dotted `path` of `arguments`, as a list of none or one."""
+    name, dummy, rest = path.partition(".")
+    if not isinstance(arguments, dict) or name not in arguments:
+        return []
+    return _values_at(arguments[name], rest) if rest else [arguments[name]]
 
 
 def error_result(exc):
