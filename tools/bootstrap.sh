@@ -8,7 +8,9 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 
 need=()
-for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils nbdinfo:libnbd-bin shellcheck:shellcheck faketime:faketime; do
+# sshd and ss: the two SSH hosts of the cross-host integration tests (tests/integration/two_hosts.py).
+for pair in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils nbdinfo:libnbd-bin shellcheck:shellcheck faketime:faketime \
+            /usr/sbin/sshd:openssh-server ss:iproute2; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then

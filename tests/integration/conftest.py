@@ -52,3 +52,22 @@ def vm(vm_factory):
 @pytest.fixture
 def ansible(workdir):
     return AnsibleRunner(workdir)
+
+
+@pytest.fixture(scope="session")
+def two_hosts():
+    """host1 and host2: two SSH hosts on loopback addresses for cross-host tests, started once per
+    worker and stopped at the end (tests/integration/two_hosts.py). `two_hosts.inventory` is their
+    Ansible inventory (group qemu_hosts), `two_hosts.host1.address`/`.port` where they listen,
+    `two_hosts.host1.run(argv)` runs a command inside a host, `two_hosts.shared` is the folder both
+    see at /var/lib/qemu-qmp/shared."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+    from two_hosts import TwoHosts, unavailable_reason  # pylint: disable=import-outside-toplevel
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    # A short path: the ssh control sockets live under it.
+    hosts = TwoHosts(tempfile.mkdtemp(prefix="qmpxh", dir="/tmp"))
+    hosts.start()
+    yield hosts
+    hosts.stop()
