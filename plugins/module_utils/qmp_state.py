@@ -128,3 +128,19 @@ def read_migration(query, schema):
 
 def read_chardevs(query, schema=None):
     return query("query-chardev")
+
+
+def read_machine(query, schema=None):
+    """The machine type QEMU emulates, as -machine takes it: pc-q35-7.2, never the alias q35.
+
+    QOM names the machine's class TYPE-machine (pc-q35-7.2-machine). A
+    migration's destination must be started with this very type.
+    """
+    kind = query("qom-get", {"path": "/machine", "property": "type"})
+    suffix = "-machine"
+    return kind[:-len(suffix)] if kind.endswith(suffix) else kind
+
+
+def read_name(query, schema=None):
+    """The guest's name (-name), or None when QEMU runs without one."""
+    return query("query-name").get("name")

@@ -11,7 +11,8 @@ short_description: Read facts about a running QEMU over QMP
 version_added: 0.1.0
 description:
   - Reads a running QEMU's version, run state, the QMP features the other modules of this
-    collection rely on, block nodes, dirty bitmaps, jobs, migration state and character devices.
+    collection rely on, block nodes, dirty bitmaps, jobs, migration state, character devices,
+    the machine type it emulates and the guest's name.
   - Only sends queries, so it never changes QEMU and always reports RV(ignore:changed=false).
 extends_documentation_fragment:
   - qemu.qmp.connection
@@ -21,9 +22,13 @@ options:
   gather:
     description:
       - Which facts to read. V(all) reads every one.
+      - V(machine) is the machine type QEMU emulates, the versioned name even when QEMU was started with an
+        alias such as V(q35) (the alias names the newest version in each QEMU release); a migration's
+        destination must be started with it.
+      - V(name) is the guest's name (C(-name)).
     type: list
     elements: str
-    choices: [all, version, status, features, block_nodes, bitmaps, jobs, migration, chardevs]
+    choices: [all, version, status, features, block_nodes, bitmaps, jobs, migration, chardevs, machine, name]
     default: [all]
 author:
   - qemu.qmp maintainers (@qemu-qmp)
@@ -38,6 +43,16 @@ EXAMPLES = r"""
 - name: Show its run state and QEMU version
   ansible.builtin.debug:
     msg: "{{ vm1.status }} on QEMU {{ vm1.version.major }}.{{ vm1.version.minor }}"
+
+- name: Read the machine type, to start a migration's destination with the same one
+  qemu.qmp.qmp_info:
+    socket: /run/qemu/vm1.qmp
+    gather: [machine, name]
+  register: vm1_machine
+
+- name: Show it
+  ansible.builtin.debug:
+    msg: "{{ vm1_machine.name }} runs machine {{ vm1_machine.machine }}"
 
 - name: Only the dirty bitmaps, with the socket set once for the play
   module_defaults:
@@ -153,12 +168,25 @@ chardevs:
   returned: when gathered
   type: list
   elements: dict
+machine:
+  description:
+    - The machine type QEMU emulates (C(qom-get) of the property C(type) of C(/machine), without its trailing
+      C(-machine)), as C(-machine) takes it. Always the versioned type, also when QEMU was started with an alias
+      such as V(q35) or V(pc); a migration's destination must be started with this type.
+  returned: when gathered
+  type: str
+  sample: pc-q35-7.2
+name:
+  description: The guest's name (C(-name)), from C(query-name); null when QEMU runs without C(-name).
+  returned: when gathered
+  type: str
+  sample: vm1
 """
 
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule
 from ansible_collections.qemu.qmp.plugins.module_utils import qmp_state
 
-FACTS = ("version", "status", "features", "block_nodes", "bitmaps", "jobs", "migration", "chardevs")
+FACTS = ("version", "status", "features", "block_nodes", "bitmaps", "jobs", "migration", "chardevs", "machine", "name")
 
 
 def main():
@@ -187,6 +215,10 @@ def main():
             facts["migration"] = qmp_state.read_migration(qm.query, qm.schema)
         if "chardevs" in wanted:
             facts["chardevs"] = qmp_state.read_chardevs(qm.query)
+        if "machine" in wanted:
+            facts["machine"] = qmp_state.read_machine(qm.query)
+        if "name" in wanted:
+            facts["name"] = qmp_state.read_name(qm.query)
     qm.exit(changed=False, **facts)
 
 

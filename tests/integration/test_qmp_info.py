@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import os
+import re
 
-from harness import changed_flags, make_image, schema_of
+from harness import VM, changed_flags, make_image, schema_of
 
 
 def test_reports_what_qemu_holds(vm_factory, workdir, ansible):
@@ -40,6 +41,8 @@ def test_reports_what_qemu_holds(vm_factory, workdir, ansible):
     assert info["migration"]["status"] == "none"
     assert info["migration"]["capabilities"]["events"] is False
     assert "ring0" in [c["label"] for c in info["chardevs"]]
+    assert info["machine"] + "-machine" == vm.qmp("qom-get", {"path": "/machine", "property": "type"})
+    assert info["name"] == "vm"
 
     schema = schema_of(vm)
     features = info["features"]
@@ -101,3 +104,65 @@ def test_jobs_are_normalised(vm, workdir, ansible):
     assert jobs["slow"]["auto_dismiss"] is False
     # QEMU's own view agrees.
     assert sorted(j["id"] for j in vm.qmp("query-jobs")) == ["mkfile", "slow"]
+
+
+class ChosenVM(VM):
+    """A QEMU with the machine type `machine`, and no -name when `name` is None."""
+
+    def __init__(self, workdir, name, machine, **kwargs):
+        super().__init__(workdir, name=name or "nameless", **kwargs)
+        self.machine = machine
+        self.named = name is not None
+
+    def command_line(self):
+        cmd = super().command_line()
+        cmd[cmd.index("-machine") + 1] = self.machine
+        if not self.named:
+            at = cmd.index("-name")
+            del cmd[at:at + 2]
+        return cmd
+
+
+def _alias(vm, alias):
+    """The versioned machine type that `alias` stands for in this QEMU."""
+    names = [m["name"] for m in vm.qmp("query-machines") if m.get("alias") == alias]
+    return str(names[0])
+
+
+def test_machine_and_name(vm, workdir, ansible):
+    records = ansible.four_ways("qmp_info", {"socket": vm.socket, "gather": ["machine", "name"]}, vm=vm)
+    assert changed_flags(records) == [False, False, False, False]
+    q35 = _alias(vm, "q35")
+    assert re.match(r"^pc-q35-\d+\.\d+$", q35)
+    for record in records:
+        info = record["result"]
+        # QEMU was started with -machine q35: the type is the versioned one the alias stands for.
+        assert (info["machine"], info["name"]) == (q35, "vm")
+        assert info["qmp_commands"] == [
+            {"execute": "qom-get", "arguments": {"path": "/machine", "property": "type"}},
+            {"execute": "query-name"}]
+        assert not set(info) & {"version", "status", "features", "block_nodes", "bitmaps", "jobs", "migration",
+                                "chardevs"}
+    assert vm.qmp("qom-get", {"path": "/machine", "property": "type"}) in [q35 + "-machine"]
+
+    # Without -name there is no name; another machine type is read the same way.
+    nameless = ChosenVM(workdir, None, "pc").start()
+    try:
+        assert nameless.qmp("query-name") == {}
+        info = ansible.run("qmp_info", {"socket": nameless.socket, "gather": ["machine", "name"]}, vm=nameless)
+        pc = _alias(nameless, "pc")
+        assert info["name"] is None and info["machine"] in [pc]
+        assert pc not in [q35]
+        assert re.match(r"^pc-i440fx-\d+\.\d+$", info["machine"])
+        machine = info["machine"]
+    finally:
+        nameless.kill()
+
+    # A QEMU started with the reported type emulates that very machine.
+    again = ChosenVM(workdir, "again", machine).start()
+    try:
+        info = ansible.run("qmp_info", {"socket": again.socket, "gather": ["all"]}, vm=again)
+        assert (info["machine"], info["name"]) == (machine, "again")
+        assert again.qmp("query-name") == {"name": "again"}
+    finally:
+        again.kill()

@@ -5,10 +5,13 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import re
 import signal
 import socket
+import stat
 import time
 
 import pytest
@@ -36,10 +39,14 @@ class RoleVM:
         self.vars.update(overrides)
         self.name = name
 
-    def apply(self, check=False, **extra):
+    def apply(self, check=False, tasks_from=None, **extra):
         variables = dict(self.vars, **extra)
-        play = [{"hosts": "localhost", "gather_facts": False, "roles": [{"role": "qemu.qmp.vm"}],
-                 "post_tasks": [{"name": "result", "ansible.builtin.debug": {"var": "vm_result"}}]}]
+        role = {"name": "qemu.qmp.vm"}
+        if tasks_from:
+            role["tasks_from"] = tasks_from
+        play = [{"hosts": "localhost", "gather_facts": False,
+                 "tasks": [{"name": "vm", "ansible.builtin.include_role": role},
+                           {"name": "result", "ansible.builtin.debug": {"var": "vm_result"}}]}]
         records, proc = self.ansible.playbook(json.dumps(play), extra_vars=variables,
                                               env={"ANSIBLE_CHECK_MODE": "1"} if check else None,
                                               args=["--check"] if check else None)
@@ -47,7 +54,7 @@ class RoleVM:
         changed = any(r["result"].get("changed") for r in records if r["status"] == "ok")
         result = next((r["result"].get("vm_result") for r in records if r["task"] == "result"), None)
         return {"rc": proc.returncode, "changed": changed, "vm_result": result, "records": records,
-                "failed": failed, "stdout": proc.stdout}
+                "failed": failed, "stdout": proc.stdout, "stderr": proc.stderr}
 
     def qmp(self, command, arguments=None):
         with QMPClient(socket_path=self.vars["vm_extra_qmp_socket"], timeout=10) as client:
@@ -55,6 +62,25 @@ class RoleVM:
 
     def files(self):
         return sorted(os.listdir(self.run_dir)) if os.path.isdir(self.run_dir) else []
+
+    def path(self, name):
+        return os.path.join(self.run_dir, name)
+
+    def read(self, name):
+        with open(self.path(name), encoding="utf-8", errors="replace") as handle:
+            return handle.read()
+
+    def wait_serial(self, text, name=None, timeout=60):
+        name = name or self.name + ".serial.log"
+        deadline = time.monotonic() + timeout
+        while not (os.path.exists(self.path(name)) and text in self.read(name)):
+            assert time.monotonic() < deadline, "guest did not print %r into %s" % (text, name)
+            time.sleep(0.1)
+
+    def qemus(self):
+        """Process ids of the QEMUs running this VM from this folder."""
+        return [int(p) for p in os.listdir("/proc") if p.isdigit()
+                and "-name\x00%s\x00" % self.name in _cmdline(p) and self.run_dir + "/" in _cmdline(p)]
 
 
 @pytest.fixture
@@ -225,3 +251,232 @@ def test_two_vms_in_one_play_each_get_their_own_files(ansible, workdir):
     assert results["second"]["qmp_socket"] == os.path.join(base["vm_run_dir"], "second.qmp")
     assert results["first"]["pid"] != results["second"]["pid"]
     assert os.listdir(base["vm_run_dir"]) == [] or all(f.endswith(".serial.log") for f in os.listdir(base["vm_run_dir"]))
+
+
+FILE_KEYS = ("qmp_socket", "extra_qmp_socket", "pidfile", "definition_file", "serial_log")
+ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
+
+
+def _recent(stamp):
+    moment = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return abs((datetime.datetime.now(datetime.timezone.utc) - moment).total_seconds()) < 300
+
+
+def _open_files(pid):
+    fds = "/proc/%d/fd" % pid
+    return set(os.readlink(os.path.join(fds, fd)) for fd in os.listdir(fds))
+
+
+def test_result_names_the_files_that_exist(role_vm, ansible, workdir):
+    vm = role_vm
+    planned = vm.apply(check=True)["vm_result"]
+    started = vm.apply()
+    assert started["rc"] == 0, started["stdout"]
+    result = started["vm_result"]
+    assert result["run_dir"] == vm.run_dir
+    for key in FILE_KEYS + ("run_dir", "moved_marker"):
+        assert planned[key] == result[key], key
+    # Every file the VM has is named, and every name is a file of the VM.
+    assert sorted(result[key] for key in FILE_KEYS) == [vm.path(f) for f in vm.files()]
+    assert result["serial_log"] == vm.path("rolevm.serial.log")
+    assert result["moved_marker"] == vm.path("rolevm.moved") and result["moved"] is None
+    assert not os.path.exists(result["moved_marker"])
+    # Each is what its key says.
+    with open(result["pidfile"], encoding="utf-8") as handle:
+        assert int(handle.read()) == result["pid"] and vm.qemus() == [result["pid"]]
+    with open(result["definition_file"], encoding="utf-8") as handle:
+        assert json.load(handle)["command_line"] == result["command_line"]
+    for key in ("qmp_socket", "extra_qmp_socket"):
+        assert stat.S_ISSOCK(os.stat(result[key]).st_mode)
+        with QMPClient(socket_path=result[key], timeout=10) as client:
+            assert client.execute("query-name") == {"name": "rolevm"}
+    assert result["serial_log"] in _open_files(result["pid"])
+    vm.wait_serial("guest: tick 1 ")
+
+    stopped = vm.apply(vm_state="absent", vm_shutdown_timeout=0)
+    assert stopped["rc"] == 0 and stopped["vm_result"]["state"] == "absent" and stopped["vm_result"]["pid"] == 0
+    for key in FILE_KEYS + ("run_dir", "moved_marker"):
+        assert stopped["vm_result"][key] == result[key], key
+    assert stopped["vm_result"]["moved"] is None
+    assert vm.files() == ["rolevm.serial.log"] and vm.qemus() == []
+
+    # A serial port on a socket has no log; no second QMP socket has no name.
+    console = os.path.join(vm.run_dir, "plain.console")
+    plain = RoleVM(ansible, workdir, name="plain", vm_serial={"type": "socket", "path": console},
+                   vm_extra_qmp_socket="")
+    try:
+        started = plain.apply()
+        assert started["rc"] == 0, started["stdout"]
+        result = started["vm_result"]
+        assert result["serial_log"] is None and result["extra_qmp_socket"] is None
+        assert sorted([result["qmp_socket"], result["pidfile"], result["definition_file"], console]) == \
+            [plain.path(f) for f in plain.files() if f.startswith("plain.")]
+        assert stat.S_ISSOCK(os.stat(console).st_mode)
+        with QMPClient(socket_path=result["qmp_socket"], timeout=10) as client:
+            assert client.execute("query-name") == {"name": "plain"}
+        stopped = plain.apply(vm_state="absent", vm_shutdown_timeout=0)["vm_result"]
+        assert (stopped["serial_log"], stopped["extra_qmp_socket"]) == (None, None)
+        assert stopped["qmp_socket"] == result["qmp_socket"] and stopped["pidfile"] == result["pidfile"]
+    finally:
+        plain.apply(vm_state="absent", vm_shutdown_timeout=0)
+    assert [f for f in plain.files() if f.startswith("plain.")] == [] and plain.qemus() == []
+
+
+def test_moved_marker_keeps_the_vm_from_starting_here_again(role_vm):
+    vm = role_vm
+    marker = vm.path("rolevm.moved")
+    pid = vm.apply()["vm_result"]["pid"]
+
+    # Check mode says what it would write, and neither writes nor stops anything.
+    check = vm.apply(check=True, vm_state="absent", vm_moved_to="elsewhere")
+    assert check["rc"] == 0 and check["changed"] is True
+    assert check["vm_result"]["moved"]["to"] == "elsewhere" and _recent(check["vm_result"]["moved"]["at"])
+    assert not os.path.exists(marker)
+    assert vm.qemus() == [pid] and vm.qmp("query-status")["status"] == "running"
+
+    moved = vm.apply(vm_state="absent", vm_moved_to="elsewhere", vm_shutdown_timeout=0)
+    assert moved["rc"] == 0 and moved["changed"] is True, moved["stdout"]
+    assert not alive(pid) and vm.qemus() == []
+    assert vm.files() == ["rolevm.moved", "rolevm.serial.log"]
+    with open(marker, encoding="utf-8") as handle:
+        content = json.load(handle)
+    assert content == {"vm": "rolevm", "moved_to": "elsewhere", "moved_at": content["moved_at"], "from": "localhost"}
+    assert ISO_UTC.match(content["moved_at"]) and _recent(content["moved_at"])
+    assert stat.S_IMODE(os.stat(marker).st_mode) == 0o640
+    assert moved["vm_result"]["moved"] == {"to": "elsewhere", "at": content["moved_at"]}
+
+    # The same again is unchanged and keeps its time; absent without vm_moved_to leaves the marker.
+    for extra in ({"vm_moved_to": "elsewhere"}, {}):
+        again = vm.apply(vm_state="absent", **extra)
+        assert again["rc"] == 0 and again["changed"] is False
+        assert again["vm_result"]["moved"] == {"to": "elsewhere", "at": content["moved_at"]}
+        with open(marker, encoding="utf-8") as handle:
+            assert json.load(handle) == content
+
+    # Refused, in check mode too: nothing starts.
+    message = ("VM rolevm moved to elsewhere at %s (marker %s): it runs there now. "
+               "Set vm_start_moved: true to start it here anyway" % (content["moved_at"], marker))
+    for check in (True, False):
+        refused = vm.apply(check=check)
+        assert refused["rc"] != 0
+        assert [r["result"]["msg"] for r in refused["failed"]] == [message]
+        assert vm.qemus() == [] and vm.files() == ["rolevm.moved", "rolevm.serial.log"]
+
+    # vm_start_moved: check mode says the marker would go, and keeps it.
+    check = vm.apply(check=True, vm_start_moved=True)
+    assert check["rc"] == 0 and check["changed"] is True and check["vm_result"]["moved"] is None
+    assert os.path.exists(marker) and vm.qemus() == []
+
+    started = vm.apply(vm_start_moved=True)
+    assert started["rc"] == 0 and started["changed"] is True, started["stdout"]
+    assert started["vm_result"]["moved"] is None and not os.path.exists(marker)
+    pid = started["vm_result"]["pid"]
+    assert vm.qemus() == [pid] and vm.qmp("query-status")["status"] == "running"
+    assert vm.apply()["changed"] is False
+
+    # A marker beside a VM that runs here: a warning, and both are left as they are.
+    with open(marker, "w", encoding="utf-8") as handle:
+        json.dump(content, handle)
+    beside = vm.apply()
+    assert beside["rc"] == 0 and beside["changed"] is False
+    assert "[WARNING]: VM rolevm runs on this host, but" in beside["stderr"], beside["stderr"]
+    warned = [w for r in beside["records"] for w in r["result"].get("warnings", [])]
+    assert any("says that it moved to elsewhere at %s" % content["moved_at"] in str(w) for w in warned), warned
+    assert beside["vm_result"]["moved"] == {"to": "elsewhere", "at": content["moved_at"]}
+    assert os.path.exists(marker) and vm.qemus() == [pid] and vm.qmp("query-status")["status"] == "running"
+
+
+def _wait(condition, what, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_migration_destination_starts_and_adopt_removes_the_marker(ansible, workdir):
+    # Two run folders stand for two hosts, a and b.
+    here = RoleVM(ansible, os.path.join(workdir, "a"), vm_shutdown_timeout=0)
+    there = RoleVM(ansible, os.path.join(workdir, "b"), vm_shutdown_timeout=0)
+    try:
+        # The VM ran on b once and moved to a: b has the marker (written although nothing ran on b).
+        marked = there.apply(vm_state="absent", vm_moved_to="a")
+        assert marked["rc"] == 0 and marked["changed"] is True, marked["stdout"]
+        assert there.files() == ["rolevm.moved"]
+        assert here.apply()["rc"] == 0
+        here.wait_serial("guest: tick 2 ")
+
+        # Back to b: the destination starts, the marker stays until the VM arrived.
+        dest = there.apply(vm_incoming=True)
+        assert dest["rc"] == 0, dest["stdout"]
+        assert dest["vm_result"]["moved"]["to"] == "a" and os.path.exists(there.path("rolevm.moved"))
+        assert "-incoming" in _cmdline(dest["vm_result"]["pid"]).split("\x00")
+        assert there.qmp("query-status")["status"] == "inmigrate"
+        uri = "unix:" + os.path.join(workdir, "migrate.sock")
+        there.qmp("migrate-incoming", {"uri": uri})
+        here.qmp("migrate", {"uri": uri})
+        _wait(lambda: here.qmp("query-migrate")["status"] == "completed", "the migration did not complete")
+        _wait(lambda: there.qmp("query-status")["status"] == "running", "the VM does not run on b")
+
+        # a stops its QEMU and marks the VM as moved to b.
+        left = here.apply(vm_state="absent", vm_moved_to="b")
+        assert left["rc"] == 0 and here.qemus() == []
+        with open(here.path("rolevm.moved"), encoding="utf-8") as handle:
+            assert json.load(handle)["moved_to"] == "b"
+
+        # b adopts the VM: the marker goes (check mode only says so).
+        check = there.apply(check=True, tasks_from="adopt", vm_adopt_instance="")
+        assert check["rc"] == 0 and check["vm_result"]["moved"] is None, check["stdout"]
+        assert os.path.exists(there.path("rolevm.moved"))
+        adopted = there.apply(tasks_from="adopt", vm_adopt_instance="")
+        assert adopted["rc"] == 0 and adopted["changed"] is True, adopted["stdout"]
+        result = adopted["vm_result"]
+        assert result["moved"] is None and not os.path.exists(there.path("rolevm.moved"))
+        assert there.qemus() == [result["pid"]] and there.qmp("query-status")["status"] == "running"
+        names = {"qmp_socket": "rolevm.qmp", "extra_qmp_socket": "rolevm.probe", "pidfile": "rolevm.pid",
+                 "definition_file": "rolevm.json", "serial_log": "rolevm.serial.log", "moved_marker": "rolevm.moved"}
+        assert dict((key, result[key]) for key in names) == dict((key, there.path(n)) for key, n in names.items())
+        assert sorted(result[key] for key in FILE_KEYS) == [there.path(f) for f in there.files()]
+        with open(result["definition_file"], encoding="utf-8") as handle:
+            assert "-incoming" not in json.load(handle)["command_line"]
+        there.wait_serial("guest: tick ")
+
+        # The role finds the VM on b as its own, unchanged; on a it refuses to start it.
+        found = there.apply()
+        assert found["changed"] is False and found["vm_result"]["pid"] == result["pid"]
+        assert found["vm_result"]["definition_changed"] is False and found["vm_result"]["moved"] is None
+        refused = here.apply()
+        assert refused["rc"] != 0 and here.qemus() == []
+        assert any("VM rolevm moved to b at " in r["result"]["msg"] for r in refused["failed"])
+    finally:
+        for one in (here, there):
+            one.apply(vm_state="absent")
+
+
+def test_serial_log_of_the_qemu_before_is_kept(role_vm):
+    vm = role_vm
+    log = vm.path("rolevm.serial.log")
+    vm.apply()
+    vm.wait_serial("guest: tick 2 ")
+    assert vm.apply(vm_state="absent", vm_shutdown_timeout=0)["rc"] == 0
+    first = vm.read("rolevm.serial.log")
+    assert "guest: tick 2 " in first
+
+    # Check mode renames nothing.
+    check = vm.apply(check=True)
+    assert check["rc"] == 0 and check["changed"] is True
+    assert vm.files() == ["rolevm.serial.log"] and vm.read("rolevm.serial.log") == first
+
+    for start in range(2):
+        started = vm.apply()
+        assert started["rc"] == 0, started["stdout"]
+        pid = started["vm_result"]["pid"]
+        # The log of the QEMU before is kept whole; the new QEMU writes a new log.
+        assert vm.read("rolevm.serial.log.previous") == first, start
+        assert log in _open_files(pid) and log + ".previous" not in _open_files(pid)
+        vm.wait_serial("guest: tick 1 ")
+        assert not vm.read("rolevm.serial.log").startswith(first)
+        assert vm.files() == ["rolevm.json", "rolevm.pid", "rolevm.probe", "rolevm.qmp", "rolevm.serial.log",
+                              "rolevm.serial.log.previous"]
+        assert vm.apply(vm_state="absent", vm_shutdown_timeout=0)["rc"] == 0
+        # The next start replaces the older .previous with this log.
+        first = vm.read("rolevm.serial.log")
