@@ -58,6 +58,7 @@ bench: bootstrap
 	python bench/backup_throughput.py
 	python bench/backup_engine.py
 	python bench/migration_time.py 3
+	python bench/migration_engine.py 3
 
 demo: bootstrap
 	ansible-playbook -i localhost, playbooks/demo.yml -e demo_upgrade_qemu_binary=$(QEMU_10)

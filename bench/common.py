@@ -49,6 +49,17 @@ class ThrowawayQEMU:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def wait_for_text(path, text, timeout=180):
+    """Wait until a file (a guest's serial log) holds `text`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            if text in handle.read():
+                return
+        time.sleep(0.2)
+    raise RuntimeError("the guest did not print %r" % text)
+
+
 def summary(samples_s):
     ordered = sorted(samples_s)
     return {

@@ -24,7 +24,7 @@ import time
 
 import yaml
 
-from common import ROOT, qemu_binary  # pylint: disable=wrong-import-order
+from common import ROOT, qemu_binary, wait_for_text  # pylint: disable=wrong-import-order
 
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPClient
 
@@ -44,7 +44,7 @@ def settings():
     return {
         "QEMU defaults": ({}, {}, False),
         "role defaults": (caps, params, False),
-        # As the role sets them with migrate_postcopy: post-copy instead of multifd.
+        # As the role sets them with migrate_converge: postcopy: post-copy instead of multifd.
         "role defaults + post-copy": (dict(caps, **{"postcopy-ram": True, "multifd": False}), params, True),
     }
 
@@ -67,13 +67,7 @@ class VM:
         self.qmp.connect()
 
     def wait_serial(self, text, timeout=180):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with open(self.serial, encoding="utf-8", errors="replace") as handle:
-                if text in handle.read():
-                    return
-            time.sleep(0.2)
-        raise RuntimeError("the guest did not print %r" % text)
+        wait_for_text(self.serial, text, timeout)
 
     def configure(self, caps, params):
         if caps:

@@ -127,18 +127,10 @@ class Engine:
     # -- QEMU ----------------------------------------------------------------
 
     def connect(self):
-        params = self.qm.params
-        if params.get("host"):
-            client = QMPClient(host=params["host"], port=params["port"], timeout=self.qm.timeout)
-        else:
-            client = QMPClient(socket_path=params.get("socket") or os.environ.get("QMP_SOCKET"), timeout=self.qm.timeout)
-        client.connect()
-        self.qm.client = client
+        self.qm.open_connection()
 
     def close(self):
-        if self.qm.client is not None:
-            self.qm.client.close()
-            self.qm.client = None
+        self.qm.close_connection()
 
     def commands(self):
         commands = self.qm.commands

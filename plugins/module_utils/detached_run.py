@@ -39,6 +39,7 @@ import traceback
 import uuid
 
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import error_result
 
 RUNS_DIR_ENV = "QMP_RUNS_DIR"
 
@@ -333,3 +334,42 @@ def _max_fd():
         return min(os.sysconf("SC_OPEN_MAX"), 1 << 20)
     except (ValueError, OSError):
         return 4096
+
+
+# -- the module's side ---------------------------------------------------------
+
+
+def failure(exc, extra=None):
+    """A QMP or engine error as a failed module result (the one conversion the detached runs use)."""
+    msg, fields = error_result(exc)
+    fields.update(extra or {})
+    fields.update(failed=True, msg=msg)
+    return fields
+
+
+def finish(qm, result):
+    """Exit with a result of an engine: its warnings shown as Ansible warnings, and kept as `messages`."""
+    warnings = result.pop("warnings", None) or []
+    result.setdefault("messages", list(warnings))
+    result.setdefault("qmp_commands", qm.commands)
+    for warning in warnings:
+        qm.module.warn(warning)
+    if result.get("failed"):
+        qm.module.fail_json(**result)
+    qm.module.exit_json(**result)
+
+
+def run_or_follow(qm, run, poll_interval, controller_timeout):
+    """Run `run(reporter)` detached; exit with its result, or with what the action plugin needs to follow it."""
+    # Never shorter than a few polls: a slow poll must not look like a controller gone.
+    controller_timeout = max(controller_timeout, 3 * poll_interval + 5)
+    try:
+        finished, status = start(run, poll_interval, controller_timeout)
+    except QMPError as exc:
+        finish(qm, failure(exc))
+    except OSError as exc:
+        finish(qm, {"failed": True, "msg": "cannot start the run: %s (%s)" % (exc.strerror or exc, exc.filename)})
+    if not finished:
+        qm.module.exit_json(changed=True, running=True, run=status["run"], line=status.get("line", ""),
+                            poll_interval=poll_interval, controller_timeout=controller_timeout)
+    finish(qm, status)

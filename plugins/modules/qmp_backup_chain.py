@@ -387,30 +387,11 @@ import os
 from ansible_collections.qemu.qmp.plugins.module_utils import detached_run
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_engine import Engine, Settings
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError
-from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule, error_result
+from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import failure, finish
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule
 
 # A backup's jobs may run for a day; waits of QEMU's own (a job cancelled, an image created) do not.
 DEFAULT_WAIT = 86400.0
-
-
-def failure(exc, extra=None):
-    """A QMP or engine error as a failed module result (the one conversion the detached run uses)."""
-    msg, fields = error_result(exc)
-    fields.update(extra or {})
-    fields.update(failed=True, msg=msg)
-    return fields
-
-
-def finish(qm, result):
-    """Exit with a result of the engine: its warnings shown as Ansible warnings, and kept as `messages`."""
-    warnings = result.pop("warnings", None) or []
-    result.setdefault("messages", list(warnings))
-    result.setdefault("qmp_commands", qm.commands)
-    for warning in warnings:
-        qm.module.warn(warning)
-    if result.get("failed"):
-        qm.module.fail_json(**result)
-    qm.module.exit_json(**result)
 
 
 def main():
@@ -493,18 +474,7 @@ def main():
         result["messages"] = list(result.get("warnings", []))
         return result
 
-    # Never shorter than a few polls: a slow poll must not look like a controller gone.
-    controller_timeout = max(params["controller_timeout"], 3 * params["poll_interval"] + 5)
-    try:
-        finished, status = detached_run.start(run, params["poll_interval"], controller_timeout)
-    except QMPError as exc:
-        finish(qm, failure(exc))
-    except OSError as exc:
-        finish(qm, {"failed": True, "msg": "cannot start the run: %s (%s)" % (exc.strerror or exc, exc.filename)})
-    if not finished:
-        qm.module.exit_json(changed=True, running=True, run=status["run"], line=status.get("line", ""),
-                            poll_interval=params["poll_interval"], controller_timeout=controller_timeout)
-    finish(qm, status)
+    detached_run.run_or_follow(qm, run, params["poll_interval"], params["controller_timeout"])
 
 
 if __name__ == "__main__":

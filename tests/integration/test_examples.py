@@ -23,9 +23,9 @@ EXAMPLE_SOCKET = "/run/qemu/vm1.qmp"
 EXAMPLE_DIRS = ("/run/qemu", "/var/lib/backup", "/var/lib/qemu")
 # Block modules before the job that uses them; the VM's own end comes last.
 ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_backup", "qmp_backup_chain", "qmp_nbd",
-         "qmp_chardev", "qmp_device", "qmp_vm"]
+         "qmp_chardev", "qmp_device", "qmp_object", "qmp_vm"]
 # Modules whose examples need a VM of their own (they end it, or need two).
-OWN_TEST = ["qmp_migrate"]
+OWN_TEST = ["qmp_migrate", "qmp_migration"]
 SETUP = {
     "qmp_backup": [
         {"name": "setup: a full and an incremental target for the examples, as big as disk0",
@@ -83,6 +83,21 @@ def test_migrate_examples_run_as_written(vm_factory, workdir, ansible):
     source.wait_serial("guest: ready")
     play = example_play("qmp_migrate", {EXAMPLE_SOCKET: source.socket, "/run/qemu/vm1-new.qmp": dest.socket,
                                         "/run/qemu/": run + "/"})
+    records, proc = ansible.playbook(json.dumps([play]), vm=source)
+    failed = [r for r in records if r["status"] == "failed"]
+    assert not failed, json.dumps(failed, indent=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert source.status() == "postmigrate" and dest.status() == "running"
+
+
+def test_migration_examples_run_as_written(vm_factory, workdir, ansible):
+    """The migration engine's examples copy vm1's disk into vm1-new's and move the VM there."""
+    images = [make_image(os.path.join(workdir, name)) for name in ("disk0.qcow2", "disk0-new.qcow2")]
+    source = vm_factory("vm1", guest=True, paused=False, args=disk_args(images[0], node="disk0", device="disk0"))
+    dest = vm_factory("vm1new", guest=True, paused=False,
+                      args=disk_args(images[1], node="disk0", device="disk0") + ["-incoming", "defer"])
+    source.wait_serial("guest: ready")
+    play = example_play("qmp_migration", {EXAMPLE_SOCKET: source.socket, "/run/qemu/vm1-new.qmp": dest.socket})
     records, proc = ansible.playbook(json.dumps([play]), vm=source)
     failed = [r for r in records if r["status"] == "failed"]
     assert not failed, json.dumps(failed, indent=1)

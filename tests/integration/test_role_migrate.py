@@ -21,7 +21,7 @@ from harness import GUEST_DIR, make_image, qemu_binary
 from test_role_backup import BackupRole
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPClient
 
-TICK = re.compile(r"guest: tick (\d+) ")
+TICK = re.compile(r"guest: tick (\d+) ([0-9.]+)\r?\n")
 RECORD = re.compile(rb"qemu\.qmp guest tick (\d+)\n")
 SLOTS = 64
 
@@ -117,7 +117,7 @@ class SerialWatch(threading.Thread):
         self.paths.update(("destination" + s, guest.serial_log + s) for s in (".incoming", ".incoming2"))
         self.files = {}
         self.text = {}
-        self.seen = {}  # tick -> (where, host time)
+        self.seen = {}  # tick -> (where, host time, guest uptime)
         self.running = True
         self.files["source"] = open(guest.serial_log, "rb")  # pylint: disable=consider-using-with
 
@@ -129,7 +129,7 @@ class SerialWatch(threading.Thread):
             for where, handle in self.files.items():
                 self.text[where] = self.text.get(where, "") + handle.read().decode("utf-8", "replace")
                 for match in TICK.finditer(self.text[where]):
-                    self.seen.setdefault(int(match.group(1)), (where, time.monotonic()))
+                    self.seen.setdefault(int(match.group(1)), (where, time.monotonic(), float(match.group(2))))
             time.sleep(0.01)
 
     def stop(self):
@@ -137,6 +137,18 @@ class SerialWatch(threading.Thread):
         self.join()
         for handle in self.files.values():
             handle.close()
+
+    def switch(self):
+        """(last tick on the source, first on the destination, the guest's pause in seconds).
+
+        Measured from outside the guest: the host time between the two ticks, less the guest's own time
+        between them (the guest's clock stands still while QEMU holds it paused)."""
+        ticks = sorted(self.seen)
+        assert ticks == list(range(ticks[0], ticks[-1] + 1)), "ticks lost or repeated: %s" % ticks
+        first = min(t for t in ticks if self.seen[t][0] != "source")
+        assert max(t for t in ticks if self.seen[t][0] == "source") == first - 1
+        before, after = self.seen[first - 1], self.seen[first]
+        return first - 1, first, (after[1] - before[1]) - (after[2] - before[2])
 
 
 def records(image):
@@ -175,7 +187,7 @@ def test_guest_goes_on_counting_on_the_new_qemu(guest):
     old_pid = vm.pid()
 
     check = vm.migrate(check=True)
-    assert check["rc"] == 0, check["stdout"][-3000:]
+    assert check["rc"] == 0, (check["failed"], check["stdout"][-3000:])
     assert vm.qemus() == [old_pid] and vm.qmp("query-status")["status"] == "running"
 
     watch = SerialWatch(vm)
@@ -186,18 +198,13 @@ def test_guest_goes_on_counting_on_the_new_qemu(guest):
     assert outcome["rc"] == 0, outcome["stdout"][-3000:]
     result = outcome["result"]
     assert result["status"] == "completed" and result["storage"] == "shared" and result["downtime"] is not None
-    # Progress was shown while it ran.
-    assert any("% of RAM sent" in (m or "") for m in outcome["debug"])
+    assert result["tls"] is False and result["policy_steps"] == []
     # The old QEMU is gone; the new one has the VM's socket and pid, and runs the guest.
     assert vm.pid() == result["pid"] != old_pid and vm.qemus() == [result["pid"]]
     assert vm.qmp("query-status")["status"] == "running"
-    # No tick lost, none repeated, and no pause longer than QEMU's downtime (a tick is 0.5 s).
-    ticks = sorted(watch.seen)
-    assert ticks == list(range(ticks[0], ticks[-1] + 1))
-    first = min(t for t in ticks if watch.seen[t][0] != "source")
-    assert watch.seen[first - 1][0] == "source" and max(t for t in ticks if watch.seen[t][0] == "source") == first - 1
-    gap = watch.seen[first][1] - watch.seen[first - 1][1]
-    assert gap <= 0.5 + result["downtime"] / 1000.0 + 0.5, (gap, result["downtime"])
+    # No tick lost, none repeated, and the guest's pause, seen from outside, within the limit + 100 ms.
+    dummy, dummy, pause = watch.switch()
+    assert pause <= 0.3 + 0.1, (pause, result["downtime"])
 
     # The vm role finds the moved VM as its own, unchanged; and it can move again.
     vm.start()
@@ -216,14 +223,21 @@ def test_copied_storage_arrives_equal_while_the_guest_writes(guest, workdir):
     vm.wait_serial(r"guest: tick 3 ")
     moved = os.path.join(workdir, "moved")
     os.mkdir(moved)
+    watch = SerialWatch(vm)
+    watch.start()
     outcome = vm.migrate(migrate_storage="copy", migrate_disk_dir=moved)
+    time.sleep(1.5)
+    watch.stop()
     assert outcome["rc"] == 0, outcome["stdout"][-3000:]
     assert outcome["result"]["storage"] == "copy"
+    # The mirrors finished inside the pause: the guest's pause stays within the limit + 100 ms.
+    dummy, dummy, pause = watch.switch()
+    assert pause <= 0.3 + 0.1 and outcome["result"]["paused_before_switchover"] < 300, (pause, outcome["result"])
     # The destination uses the copy; stop it so the disk holds still.
     copy = os.path.join(moved, "disk0.qcow2")
     nodes = dict((n["node-name"], n) for n in vm.qmp("query-named-block-nodes"))
     assert nodes["disk0-file"]["file"] == copy
-    assert not [n for n in nodes if n.startswith("qmpmig")] and vm.qmp("query-block-jobs") == []
+    assert not [n for n in nodes if n.startswith("qemu-qmp-copy")] and vm.qmp("query-block-jobs") == []
     vm.qmp("stop")
     before, rest_before = records(disk)
     after, rest_after = records(copy)
@@ -267,6 +281,9 @@ def test_backup_chain_goes_on_after_migration(guest, workdir, ansible):
 
 def test_destination_killed_mid_migration_then_rerun(guest):
     vm = guest(append="qmpguest.fill_mb=96 qmpguest.dirty_mb=16")
+    # The migration holds the VM's QMP socket: the test watches it through a second one, as tools should.
+    tools = os.path.join(vm.run_dir, vm.name + ".tools.qmp")
+    vm.vars["vm_extra_qmp_socket"] = tools
     vm.start(vm_memory=256)
     vm.wait_serial(r"guest: dirtying")
     old_pid = vm.pid()
@@ -276,7 +293,7 @@ def test_destination_killed_mid_migration_then_rerun(guest):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
-                info = vm.qmp("query-migrate")
+                info = vm.qmp("query-migrate", socket_path=tools)
             except Exception:  # pylint: disable=broad-except
                 info = {}
             if info.get("status") == "active" and info.get("ram", {}).get("transferred", 0) > 4 * MiB:
@@ -287,14 +304,14 @@ def test_destination_killed_mid_migration_then_rerun(guest):
     killer = threading.Thread(target=kill_destination, daemon=True)
     killer.start()
     # Slow enough to be killed in the middle.
-    outcome = vm.migrate(migrate_parameters={"max-bandwidth": 8 * MiB})
+    outcome = vm.migrate(migrate_parameters={"max-bandwidth": 8 * MiB}, migrate_timeout=300)
     killer.join()
     assert outcome["rc"] != 0
     assert any("it goes on running" in m for m in outcome["failed"]), outcome["failed"]
     # The source runs as before, alone; nothing of the destination is left.
     assert vm.qemus() == [old_pid] and vm.qmp("query-status")["status"] == "running"
-    assert sorted(os.listdir(vm.run_dir)) == sorted([vm.name + s for s in (".json", ".pid", ".qmp", ".serial.log")]
-                                                    + [vm.name + ".serial.log.incoming"])
+    assert sorted(os.listdir(vm.run_dir)) == sorted([vm.name + s for s in (".json", ".pid", ".qmp", ".tools.qmp",
+                                                                           ".serial.log")])
 
     again = vm.migrate()
     assert again["rc"] == 0, again["stdout"][-3000:]
