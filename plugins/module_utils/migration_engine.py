@@ -21,14 +21,16 @@ it did and leaves the VM running on the source.
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import sys
 import time
 
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import Abandoned
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPCommandError, QMPError, QMPTimeoutError
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_jobs import JobWaitTimeout, JobWaiter, read_jobs_by_id
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_migration import (
-    ACTIVE, MIGRATION_EVENTS, configure, listening_address, read_info, uri_matches)
+    ACTIVE, MIGRATION_EVENTS, MigrationError, configure, listening_address, read_info, uri_matches)
 from ansible_collections.qemu.qmp.plugins.module_utils import qmp_nbd
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_state import read_status
 
@@ -38,14 +40,6 @@ COPY_NODE = "qemu-qmp-copy-%s"
 # How long the mirrors may take to finish once the guest is paused, before the migration is given up.
 SWITCH_OVER_TIMEOUT = 60.0
 MiB = 1024 * 1024
-
-
-class MigrationEngineError(QMPError):
-    """A migration step failed; `details` go into the failed result."""
-
-    def __init__(self, message, **details):
-        super().__init__(message)
-        self.details = details
 
 
 def human_bytes(count):
@@ -68,8 +62,8 @@ def split_tcp_uri(uri):
 
 def refuse_any_address(host, what):
     if host in ("", "0.0.0.0", "::", "[::]"):
-        raise MigrationEngineError("%s would listen on every address (%r): give the address the source reaches "
-                                   "this host at" % (what, host))
+        raise MigrationError("%s would listen on every address (%r): give the address the source reaches "
+                             "this host at" % (what, host))
 
 
 def free_port(host):
@@ -80,13 +74,46 @@ def free_port(host):
         return probe.getsockname()[1]
 
 
+def listening_tcp_ports(pid):
+    """{(host, port)} of the TCP sockets process `pid` listens on, from /proc (QEMU does not report its NBD
+    server's address)."""
+    inodes = set()
+    try:
+        for name in os.listdir("/proc/%d/fd" % pid):
+            try:
+                target = os.readlink("/proc/%d/fd/%s" % (pid, name))
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return set()
+    found = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            with open(table, encoding="ascii") as handle:
+                rows = handle.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) < 10 or fields[3] != "0A" or fields[9] not in inodes:
+                continue
+            address, port = fields[1].split(":")
+            raw = bytes.fromhex(address)
+            # /proc shows each 32-bit word in host order.
+            raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)) if sys.byteorder == "little" else raw
+            found.add((socket.inet_ntop(family, raw), int(port, 16)))
+    return found
+
+
 def set_tls(parameters, schema, tls_creds, tls_hostname=None):
     """The migration parameters for TLS on (the credentials' id) or off (empty), where QEMU has them."""
     parameters = dict(parameters)
     if schema.has_argument("migrate-set-parameters", "tls-creds"):
         parameters["tls-creds"] = tls_creds or ""
     elif tls_creds:
-        raise MigrationEngineError("this QEMU cannot encrypt migrations (no tls-creds migration parameter)")
+        raise MigrationError("this QEMU cannot encrypt migrations (no tls-creds migration parameter)")
     if tls_hostname and tls_creds:
         parameters["tls-hostname"] = tls_hostname
     return parameters
@@ -120,24 +147,32 @@ class Incoming:
     def prepare(self):
         qm = self.qm
         status = read_status(qm.query)["status"]
-        info = read_info(qm)
-        listening = listening_address(info)
+        listening = listening_address(read_info(qm))
         if status != "inmigrate":
-            raise MigrationEngineError("the destination QEMU is %s, not waiting for an incoming migration: start it "
-                                       "with -incoming defer (the qemu.qmp.vm role's vm_incoming)" % status)
+            raise MigrationError("the destination QEMU is %s, not waiting for an incoming migration: start it "
+                                 "with -incoming defer (the qemu.qmp.vm role's vm_incoming)" % status)
+        # Addresses are checked before anything changes.
+        tcp = split_tcp_uri(self.listen_uri)
+        if tcp is not None and listening is None:
+            refuse_any_address(tcp[0], "the migration listener")
+        if self.exports and self.nbd_address.get("type") == "inet":
+            refuse_any_address(self.nbd_address.get("host", ""), "the NBD server of the disk copies")
+        if listening is not None and not self._listens_as_asked(listening):
+            raise MigrationError("the destination already listens on %s, not %s" % (listening, self.listen_uri))
         before, after, changed = configure(qm, self.capabilities,
                                            set_tls(self.parameters, qm.schema, self.tls_creds))
         nbd = self._serve_disks() if self.exports else None
         if listening is None:
-            tcp = split_tcp_uri(self.listen_uri)
-            if tcp is not None:
-                refuse_any_address(tcp[0], "the migration listener")
             qm.change("migrate-incoming", {"uri": self.listen_uri})
             listening = None if qm.check_mode else listening_address(read_info(qm))
-        elif not uri_matches(self.listen_uri, listening):
-            raise MigrationEngineError("the destination already listens on %s, not %s" % (listening, self.listen_uri))
         return {"listening": listening, "uri": self._source_uri(listening), "nbd": nbd,
                 "configured": {"before": before, "after": after, "changed": changed}}
+
+    def _listens_as_asked(self, listening):
+        tcp = split_tcp_uri(self.listen_uri)
+        if tcp is not None and tcp[1] == "0":  # any port the kernel chose, on that address
+            return listening.get("type") == "inet" and listening.get("host") == tcp[0]
+        return uri_matches(self.listen_uri, listening)
 
     def _source_uri(self, listening):
         if listening is None:
@@ -150,17 +185,29 @@ class Incoming:
     def _serve_disks(self):
         qm = self.qm
         address = self.nbd_address
-        if address.get("type") == "inet":
-            refuse_any_address(address.get("host", ""), "the NBD server of the disk copies")
         exports = qmp_nbd.read_exports(qm) or {}
         missing = [e for e in self.exports if e["name"] not in exports]
-        if exports and not missing:
-            return {"address": address, "exports": [e["name"] for e in self.exports]}
-        if not exports:
+        if exports:
+            address = self._running_server(address)
+        else:
             address = self._start_server(address)
         for export in missing:
             qmp_nbd.add_export(qm, export["name"], export["node"], writable=True)
         return {"address": address, "exports": [e["name"] for e in self.exports]}
+
+    def _running_server(self, address):
+        """The address of the NBD server that already runs (a second call): the port the kernel chose is read
+        from the sockets QEMU listens on."""
+        if address.get("type") != "inet" or str(address.get("port", "0")) not in ("0", ""):
+            return address
+        pid = self.qm.client.peer_pid()
+        migration = listening_address(read_info(self.qm)) or {}
+        ports = sorted(port for host, port in listening_tcp_ports(pid) if host == address["host"]
+                       and str(port) != str(migration.get("port"))) if pid else []
+        if len(ports) != 1:
+            raise MigrationError("the NBD server of this QEMU already runs, on a port that cannot be told "
+                                 "(found %s): give nbd_address a port" % (ports or "none"))
+        return dict(address, port=str(ports[0]))
 
     def _start_server(self, address):
         qm = self.qm
@@ -175,8 +222,8 @@ class Incoming:
                 # A port of the kernel's choice can be taken between the probe and QEMU's bind: try another.
                 if chosen in ("0", "") and attempt < 2 and "in use" in exc.desc.lower():
                     continue
-                raise MigrationEngineError("the destination cannot serve the disk copies on %s: %s"
-                                           % (qmp_nbd.export_uri(address, "") or address, exc.desc))
+                raise MigrationError("the destination cannot serve the disk copies on %s: %s"
+                                     % (qmp_nbd.export_uri(address, "") or address, exc.desc))
         return address  # pragma: no cover
 
     def close(self):
@@ -194,7 +241,7 @@ class Incoming:
                         raise
         left = qmp_nbd.read_exports(qm) if not qm.check_mode else {}
         stopped = False
-        if not left and (removed or exports == {}):
+        if removed and not left:
             try:
                 qm.change("nbd-server-stop")
                 stopped = True
@@ -241,19 +288,26 @@ class Outgoing:
             "capabilities": self.capabilities(), "parameters": self.parameters(),
             "converge": self.s["converge"], "tls": bool(self.s["tls_creds"])}
 
+    def already_migrated(self):
+        """query-migrate's info when this QEMU already handed its VM over (a second run), else None."""
+        info = read_info(self.qm)
+        if read_status(self.qm.query)["status"] == "postmigrate" and info["status"] == "completed":
+            return info
+        return None
+
     def _refuse_unless_ready(self):
         status = read_status(self.qm.query)
         info = read_info(self.qm)
         if info["status"] in ACTIVE:
-            raise MigrationEngineError("a migration of this VM is under way (%s): wait for it, or cancel it with "
-                                       "qemu.qmp.qmp_migrate state=cancelled" % info["status"])
+            raise MigrationError("a migration of this VM is under way (%s): wait for it, or cancel it with "
+                                 "qemu.qmp.qmp_migrate state=cancelled" % info["status"])
         if status["status"] not in ("running", "paused"):
-            raise MigrationEngineError("the VM is %s: only a running or paused VM can be migrated" % status["status"])
+            raise MigrationError("the VM is %s: only a running or paused VM can be migrated" % status["status"])
         known = read_jobs_by_id(self.qm.query, self.qm.schema)
         busy = [job_id for job_id in self.jobs if job_id in known]
         if busy:
-            raise MigrationEngineError("jobs %s of an earlier migration are still there: dismiss them with "
-                                       "qemu.qmp.qmp_job state=absent" % ", ".join(busy))
+            raise MigrationError("jobs %s of an earlier migration are still there: dismiss them with "
+                                 "qemu.qmp.qmp_job state=absent" % ", ".join(busy))
         return status["status"]
 
     # -- run ----------------------------------------------------------------
@@ -273,8 +327,8 @@ class Outgoing:
         except (QMPError, Abandoned) as exc:
             self.reporter.can_abandon = False
             undone = self._roll_back()
-            raise MigrationEngineError("%s; %s" % (exc, undone), **dict(getattr(exc, "details", None) or {},
-                                                                        policy_steps=self.policy_steps))
+            raise MigrationError("%s; %s" % (exc, undone), **dict(getattr(exc, "details", None) or {},
+                                                                  policy_steps=self.policy_steps))
         self.reporter.can_abandon = False
         self._drop_copies()
         return self._result(info)
@@ -317,11 +371,11 @@ class Outgoing:
             jobs, dummy = JobWaiter(qm, self.s["poll_interval"]).wait_status(
                 self.jobs, ["ready"], self._left(), on_poll=show)
         except JobWaitTimeout:
-            raise MigrationEngineError("the disk copies were not in step within the migration's timeout")
+            raise MigrationError("the disk copies were not in step within the migration's timeout")
         failed = dict((job_id, (job or {}).get("error") or "ended before it was in step")
                       for job_id, job in jobs.items() if job is None or job["status"] != "ready")
         if failed:
-            raise MigrationEngineError("a disk copy failed: %s" % "; ".join(
+            raise MigrationError("a disk copy failed: %s" % "; ".join(
                 "%s: %s" % item for item in sorted(failed.items())), copy_errors=failed)
 
     def _finish_copies(self):
@@ -333,11 +387,11 @@ class Outgoing:
         try:
             jobs, dummy = JobWaiter(qm, 0.05).wait_status(self.jobs, ["concluded", "null"], SWITCH_OVER_TIMEOUT)
         except JobWaitTimeout:
-            raise MigrationEngineError("the disk copies did not finish within %ds of the guest's pause"
-                                       % SWITCH_OVER_TIMEOUT)
+            raise MigrationError("the disk copies did not finish within %ds of the guest's pause"
+                                 % SWITCH_OVER_TIMEOUT)
         failed = dict((job_id, job["error"]) for job_id, job in jobs.items() if job and job.get("error"))
         if failed:
-            raise MigrationEngineError("a disk copy failed at the switch-over: %s" % "; ".join(
+            raise MigrationError("a disk copy failed at the switch-over: %s" % "; ".join(
                 "%s: %s" % item for item in sorted(failed.items())), copy_errors=failed)
         self.mirror_ms = round((time.monotonic() - started) * 1000, 1)
 
@@ -368,7 +422,7 @@ class Outgoing:
 
     def _check_deadline(self, what):
         if self._left() <= 0:
-            raise MigrationEngineError("%s did not end within the migration's timeout (%ds)%s" % (
+            raise MigrationError("%s did not end within the migration's timeout (%ds)%s" % (
                 what, self.s["timeout"], "" if self.s["converge"] != "cancel" else
                 ": the guest may dirty memory faster than the link carries; choose a convergence policy "
                 "(downtime, postcopy, auto-converge)"))
@@ -384,7 +438,7 @@ class Outgoing:
             if status == "completed":
                 return self._settled(info)
             if status in ("failed", "cancelled"):
-                raise MigrationEngineError("the migration %s: %s" % (
+                raise MigrationError("the migration %s: %s" % (
                     status, info.get("error-desc") or "QEMU gave no reason"), info=info)
             if status in ("postcopy-active", "postcopy-paused", "postcopy-recover"):
                 self.reporter.can_abandon = False  # the guest runs on the destination: no way back
@@ -467,7 +521,8 @@ class Outgoing:
             if self.was_running and not status["running"] and status["status"] not in ("postmigrate", "shutdown"):
                 qm.change("cont")
                 status = read_status(qm.query)
-            return "the VM goes on %s on the source, the disk copies are stopped" % status["status"]
+            return "the VM goes on %s on the source%s" % (status["status"], ", the disk copies are stopped"
+                                                          if self.copies else "")
         except QMPError as exc:
             return "undoing the migration failed too (%s): check the source with qemu.qmp.qmp_info" % exc
         except OSError as exc:  # pragma: no cover - the socket itself broke

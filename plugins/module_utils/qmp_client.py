@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import socket
+import struct
 import stat
 import time
 
@@ -128,6 +129,17 @@ class QMPClient:
     @property
     def connected(self):
         return self._sock is not None
+
+    def peer_pid(self):
+        """The process id of the QEMU at the other end of a unix socket (SO_PEERCRED), or None."""
+        if self._sock is None or self._sock.family != socket.AF_UNIX:
+            return None
+        try:
+            pid, dummy, dummy = struct.unpack("3i", self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                          struct.calcsize("3i")))
+        except OSError:
+            return None
+        return pid or None
 
     def connect(self):
         deadline = time.monotonic() + self.timeout

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPTimeoutError
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError, QMPTimeoutError
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_state import read_status
 
 # Statuses after which nothing more happens by itself.
@@ -30,10 +30,13 @@ _LEGACY = {
 }
 
 
-class MigrationError(Exception):
-    def __init__(self, message, info=None):
+class MigrationError(QMPError):
+    """A migration step failed; `details` (QEMU's migration info among them) go into the failed result."""
+
+    def __init__(self, message, info=None, **details):
         super().__init__(message)
         self.info = info
+        self.details = dict(details, **({"info": info} if info is not None else {}))
 
 
 def read_info(qm):

@@ -20,6 +20,7 @@ description:
     disk copies, QEMU stops the guest before the switch-over (C(pre-switchover)); the same process then
     completes the mirrors and continues the migration at once, so the guest's pause stays within the downtime
     limit. Any failure before the hand-over undoes what the run did and leaves the VM running on the source.
+    A source that already handed its VM over (run state C(postmigrate)) is unchanged.
   - B(Long runs.) The run goes on in a process of its own on the host. This module's action plugin follows it,
     printing a progress line every O(poll_interval) seconds, for as long as it takes. When the controller stops
     following (killed, cancelled, its connection lost) for O(controller_timeout) seconds before the hand-over,
@@ -308,9 +309,14 @@ def main():
     # The plan is read before the run starts: what would refuse the migration fails here, plainly.
     with qm.connected():
         try:
-            plan = Outgoing(qm, settings, detached_run.Reporter()).plan()
+            outgoing = Outgoing(qm, settings, detached_run.Reporter())
+            done = outgoing.already_migrated()
+            plan = None if done else outgoing.plan()
         except QMPError as exc:
             finish(qm, failure(exc))
+    if done:
+        finish(qm, {"changed": False, "status": "completed", "uri": params["uri"], "info": done,
+                    "msg": "this QEMU already handed its VM over (run state postmigrate)"})
     if qm.check_mode:
         finish(qm, {"changed": True, "plan": plan})
 

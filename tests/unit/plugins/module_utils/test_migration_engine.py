@@ -9,12 +9,14 @@ The migrations themselves run against real QEMUs, on one host and across two (te
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
 
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_migration import MigrationError
 from ansible_collections.qemu.qmp.plugins.module_utils.migration_engine import (
-    MigrationEngineError, Outgoing, capabilities_for, free_port, human_bytes, refuse_any_address, set_tls,
+    Outgoing, capabilities_for, free_port, human_bytes, listening_tcp_ports, refuse_any_address, set_tls,
     split_tcp_uri)
 
 
@@ -62,7 +64,7 @@ def test_capabilities_follow_the_policy_and_the_side():
 
 @pytest.mark.parametrize("host", ["", "0.0.0.0", "::", "[::]"])
 def test_every_address_is_refused(host):
-    with pytest.raises(MigrationEngineError, match="every address"):
+    with pytest.raises(MigrationError, match="every address"):
         refuse_any_address(host, "the migration listener")
 
 
@@ -83,7 +85,7 @@ def test_tls_on_off_and_unavailable():
     assert set_tls({"x": 1}, Schema(), "tls0", "host2") == {"x": 1, "tls-creds": "tls0", "tls-hostname": "host2"}
     assert set_tls({}, Schema(), None) == {"tls-creds": ""}  # off, even after an earlier TLS migration
     assert set_tls({}, Schema(arguments=()), None) == {}
-    with pytest.raises(MigrationEngineError, match="cannot encrypt"):
+    with pytest.raises(MigrationError, match="cannot encrypt"):
         set_tls({}, Schema(arguments=()), "tls0")
 
 
@@ -120,3 +122,16 @@ def test_other_policies_send_nothing_while_it_runs(policy):
 
 def test_human_bytes():
     assert human_bytes(0) == "0 B" and human_bytes(1536) == "1.5 KiB" and human_bytes(3 * 1024 ** 3) == "3.0 GiB"
+
+
+def test_listening_ports_of_a_process_are_read_from_proc():
+    with socket.socket() as four, socket.socket(socket.AF_INET6) as six, socket.socket() as idle:
+        four.bind(("127.0.0.1", 0))
+        four.listen()
+        six.bind(("::1", 0))
+        six.listen()
+        idle.bind(("127.0.0.1", 0))  # bound, not listening
+        found = listening_tcp_ports(os.getpid())
+        assert ("127.0.0.1", four.getsockname()[1]) in found and ("::1", six.getsockname()[1]) in found
+        assert ("127.0.0.1", idle.getsockname()[1]) not in found
+    assert listening_tcp_ports(2 ** 22 + 1) == set()  # no such process
