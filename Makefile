@@ -12,7 +12,7 @@ export ANSIBLE_INVENTORY_UNPARSED_WARNING := false
 
 QEMU_7 ?= /usr/bin/qemu-system-x86_64
 QEMU_10 ?= $(TOP)/.cache/qemu10/bin/qemu-system-x86_64
-PYTEST := python -m pytest -q -ra
+PYTEST := python -m pytest -q -ra --durations=12
 # Each test starts its own QEMU: two workers keep both cores busy.
 INTEGRATION := $(PYTEST) -n 2
 
