@@ -72,6 +72,10 @@ class VM:
         self.process.wait()
 
 
+def first_tick_missing(seen, first):
+    return first - 1 not in seen
+
+
 class Ticks(threading.Thread):
     """Host time and guest time of each tick, on either console."""
 
@@ -102,7 +106,10 @@ class Ticks(threading.Thread):
     def pause_ms(self, destination):
         self.running = False
         self.join()
-        first = min(t for t, seen in self.seen.items() if seen[0] == destination)
+        arrived = [t for t, seen in self.seen.items() if seen[0] == destination]
+        if not arrived or first_tick_missing(self.seen, min(arrived)):
+            return float("nan")  # no tick seen on the destination's console in time
+        first = min(arrived)
         before, after = self.seen[first - 1], self.seen[first]
         return ((after[1] - before[1]) - (after[2] - before[2])) * 1000
 
@@ -145,7 +152,9 @@ def migrate_once(folder, disk=None, tls=None, parameters=None, converge="cancel"
         if result.get("failed"):
             ticks.running = False
             return {"failed": result["msg"]}
-        time.sleep(1.5)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(seen[0] == dest.serial for seen in ticks.seen.values()):
+            time.sleep(0.1)
         result["pause_ms"] = ticks.pause_ms(dest.serial)
         return result
     finally:
@@ -154,7 +163,12 @@ def migrate_once(folder, disk=None, tls=None, parameters=None, converge="cancel"
 
 
 def stats(values):
-    return "median %6.0f, max %6.0f" % (statistics.median(values), max(values))
+    seen = [v for v in values if v == v]  # nan: no tick seen on the destination in time
+    if not seen:
+        return "no ticks seen"
+    missing = len(values) - len(seen)
+    return "median %6.0f, max %6.0f%s" % (statistics.median(seen), max(seen),
+                                          " (%d without ticks)" % missing if missing else "")
 
 
 def bench_copy(folder, runs):
@@ -208,8 +222,8 @@ def bench_converge(folder, runs):
     for policy in ("cancel", "downtime", "postcopy", "auto-converge"):
         result = migrate_once(folder, parameters={"max-bandwidth": 32 * 1024 * 1024}, converge=policy,
                               timeout=90 if policy == "cancel" else 600)
-        if "failed" in result:
-            print("  %-13s did not finish: %s" % (policy, result["failed"][:160]))
+        if "failed" in result or result.get("status") != "completed":
+            print("  %-13s did not finish: %s" % (policy, str(result.get("failed") or result.get("msg") or result)[:200]))
             continue
         print("  %-13s finished in %5.1fs, QEMU downtime %5d ms, pause from outside %5.0f ms, steps %s" % (
             policy, result["seconds"], result["downtime_ms"] or 0, result["pause_ms"],
