@@ -20,6 +20,7 @@ while QEMU holds it paused). QEMU's own downtime figure is shown beside it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -163,7 +164,7 @@ def migrate_once(folder, disk=None, tls=None, parameters=None, converge="cancel"
 
 
 def stats(values):
-    seen = [v for v in values if v == v]  # nan: no tick seen on the destination in time
+    seen = [v for v in values if not math.isnan(v)]  # nan: no tick seen on the destination in time
     if not seen:
         return "no ticks seen"
     missing = len(values) - len(seen)
