@@ -15,7 +15,7 @@ CHARDEVS = "/chardevs"
 _BACKEND_ALIASES = {"memory": "ringbuf"}
 
 
-def _children(query, path):
+def qom_children(query, path):
     """{name: type} of the QOM children of `path` ("child<TYPE>" properties)."""
     children = {}
     for prop in query("qom-list", {"path": path}):
@@ -38,7 +38,7 @@ def read_chardev(query, chardev_id):
     info = reported[chardev_id]
     filename = info.get("filename", "")
     chardev = {"id": chardev_id, "filename": filename, "frontend_open": info.get("frontend-open")}
-    qom_type = _children(query, CHARDEVS).get(chardev_id, "")
+    qom_type = qom_children(query, CHARDEVS).get(chardev_id, "")
     chardev["type"] = qom_type[len("chardev-"):] if qom_type.startswith("chardev-") else filename.split(":")[0]
     if chardev["type"] == "pty" and filename.startswith("pty:"):
         chardev["pty"] = filename[len("pty:"):]
@@ -95,7 +95,7 @@ def read_device(query, device_id, properties=()):
     {id, driver, bus, properties: {name: value}} with the values QEMU reports
     for the named properties (those it cannot read are left out).
     """
-    driver = _children(query, PERIPHERALS).get(device_id)
+    driver = qom_children(query, PERIPHERALS).get(device_id)
     if driver is None:
         return None
     path = "%s/%s" % (PERIPHERALS, device_id)

@@ -16,6 +16,7 @@ import re
 
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPCommandError
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import REDACTED
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_devices import qom_children
 
 OBJECTS = "/objects"
 # Properties that hold secret material (a secret object's `data`): compared, never shown.
@@ -46,12 +47,7 @@ def type_error(qom_type, known):
 
 def object_types(query):
     """{id: type} of the user-creatable objects QEMU has (the `child<TYPE>` properties of /objects)."""
-    objects = {}
-    for prop in query("qom-list", {"path": OBJECTS}):
-        kind = prop.get("type", "")
-        if kind.startswith("child<") and kind.endswith(">"):
-            objects[prop["name"]] = kind[len("child<"):-1]
-    return objects
+    return qom_children(query, OBJECTS)
 
 
 def read_object(query, object_id, names=()):
