@@ -433,7 +433,12 @@ class Outgoing:
             info = read_info(qm)
             status = info["status"]
             if status == "pre-switchover":
-                self._switch_over()
+                if self.paused_ms is None:
+                    self._switch_over()
+                else:
+                    # migrate-continue only wakes QEMU's migration thread: it leaves this state a moment later
+                    self._check_deadline("the switch-over")
+                    time.sleep(0.01)
                 continue
             if status == "completed":
                 return self._settled(info)

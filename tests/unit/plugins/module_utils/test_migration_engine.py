@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
+from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPTimeoutError
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_migration import MigrationError
 from ansible_collections.qemu.qmp.plugins.module_utils.migration_engine import (
     Outgoing, capabilities_for, free_port, human_bytes, listening_tcp_ports, refuse_any_address, set_tls,
@@ -118,6 +120,44 @@ def test_other_policies_send_nothing_while_it_runs(policy):
     for passes in range(1, 20):
         run._converge(info(passes))
     assert qm.sent == [] and run.policy_steps == []
+
+
+class Lines:
+    can_abandon = True
+
+    def __init__(self):
+        self.lines = []
+
+    def progress(self, line):
+        self.lines.append(line)
+
+
+class Migrating(Recorder):
+    """A source whose query-migrate answers from a script: QEMU leaves pre-switchover a moment after
+    migrate-continue, so the first answers after it may still say pre-switchover."""
+
+    def __init__(self, statuses):
+        super().__init__()
+        self.statuses = list(statuses)
+        self.client = self
+
+    def wait_for_event(self, names, timeout):
+        raise QMPTimeoutError("no event")
+
+    def query(self, command, arguments=None):
+        assert command == "query-migrate"
+        return {"status": self.statuses.pop(0), "total-time": 1}
+
+
+def test_the_switch_over_happens_once_though_qemu_is_slow_to_leave_pre_switchover():
+    qm = Migrating(["pre-switchover", "pre-switchover", "pre-switchover", "device", "completed"])
+    run = Outgoing(qm, settings(copies=[{"node": "disk0", "export": "e"}], timeout=60, poll_interval=0.01),
+                   reporter=Lines())
+    finished = []
+    run._finish_copies = lambda: finished.append(True)
+    run.started = time.monotonic()
+    assert run._follow()["status"] == "completed"
+    assert finished == [True] and qm.sent == [("migrate-continue", {"state": "pre-switchover"})]
 
 
 def test_human_bytes():
