@@ -83,6 +83,15 @@ qmp_error:
   returned: when QEMU refused a command
   type: dict
   sample: {"class": "GenericError", "desc": "Dirty bitmap 'bm0' not found"}
+qmp_connect_reason:
+  description:
+    - Why no QMP connection could be made, when none could. V(missing) (no socket there), V(not_socket),
+      V(refused) (nothing listens: the QEMU that made the socket exited), V(permission), V(busy) (the socket
+      accepts connections but sends no greeting: another client holds it, since a QMP socket serves one
+      client at a time) or V(unreachable).
+  returned: when the connection failed
+  type: str
+  sample: busy
 version:
   description: QEMU's version, from the QMP greeting.
   returned: when gathered
