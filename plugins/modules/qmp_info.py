@@ -86,9 +86,9 @@ qmp_error:
 qmp_connect_reason:
   description:
     - Why no QMP connection could be made, when none could. V(missing) (no socket there), V(not_socket),
-      V(refused) (nothing listens: the QEMU that made the socket exited), V(permission), V(busy) (the socket
-      accepts connections but sends no greeting: another client holds it, since a QMP socket serves one
-      client at a time) or V(unreachable).
+      V(refused) (nothing listens, so the QEMU that made the socket exited), V(permission), V(busy) (the
+      socket accepts connections but sends no greeting, so another client holds it, since a QMP socket
+      serves one client at a time) or V(unreachable).
   returned: when the connection failed
   type: str
   sample: busy

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import time
 
 import pytest
@@ -480,3 +481,157 @@ def test_serial_log_of_the_qemu_before_is_kept(role_vm):
         assert vm.apply(vm_state="absent", vm_shutdown_timeout=0)["rc"] == 0
         # The next start replaces the older .previous with this log.
         first = vm.read("rolevm.serial.log")
+
+
+# -- The role acts only on what it proved is this VM's QEMU ----------------------------
+
+def _warnings(result):
+    return " ".join(" ".join(r["result"].get("warnings", [])) for r in result["records"]) + result["stderr"]
+
+
+def _plant_pidfile(vm, pid):
+    os.makedirs(vm.run_dir, exist_ok=True)
+    with open(vm.path(vm.name + ".pid"), "w", encoding="utf-8") as handle:
+        handle.write("%d\n" % pid)
+
+
+@pytest.fixture
+def bystander():
+    """A process that is not a QEMU, to be named by a stale pidfile."""
+    process = subprocess.Popen(["sleep", "600"])
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_stale_pidfile_naming_another_process_leaves_it_alone(ansible, workdir, bystander):
+    vm = RoleVM(ansible, workdir)
+    _plant_pidfile(vm, bystander.pid)
+    stopped = vm.apply(vm_state="absent")
+    assert stopped["rc"] == 0, stopped["stdout"]
+    assert alive(bystander.pid)
+    assert "names process %d, which is not VM rolevm's QEMU (sleep 600): that process is left alone" \
+        % bystander.pid in _warnings(stopped)
+    assert vm.files() == []  # the stale pidfile itself is gone
+
+    # A start that fails (its rescue stops what it started) leaves it alone too.
+    _plant_pidfile(vm, bystander.pid)
+    failed = vm.apply(vm_kernel="/nonexistent/vmlinuz")
+    assert failed["rc"] != 0
+    assert any("could not open kernel file" in r["result"]["msg"] for r in failed["failed"])
+    assert alive(bystander.pid) and vm.qemus() == []
+
+
+def test_another_qemu_of_the_same_name_in_the_pidfile_is_left_alone(role_vm, workdir):
+    """The pid's command line names the VM, but its start time is not the one the role saved."""
+    vm = role_vm
+    pid = vm.apply()["vm_result"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    while alive(pid):
+        time.sleep(0.05)
+    other = VM(os.path.join(workdir), name="rolevm").start()  # -name rolevm, another folder
+    try:
+        _plant_pidfile(vm, other.process.pid)
+        stopped = vm.apply(vm_state="absent", vm_shutdown_timeout=0)
+        assert stopped["rc"] == 0, stopped["stdout"]
+        assert other.alive() and other.status() == "prelaunch"
+        assert "names process %d, which is not VM rolevm's QEMU" % other.process.pid in _warnings(stopped)
+    finally:
+        other.kill()
+
+
+def test_a_busy_qmp_socket_never_starts_the_vm_twice(role_vm):
+    vm = role_vm
+    started = vm.apply()["vm_result"]
+    socket_path = started["qmp_socket"]
+    with QMPClient(socket_path=socket_path, timeout=10) as holder:  # another client holds the socket
+        holder.execute("query-status")
+        again = vm.apply()
+        assert again["rc"] != 0
+        messages = " ".join(r["result"]["msg"] for r in again["failed"])
+        assert "another client holds its QMP socket %s" % socket_path in messages, messages
+        assert vm.qemus() == [started["pid"]]
+        assert stat.S_ISSOCK(os.stat(socket_path).st_mode)
+    # The VM kept its socket: QEMU answers there again once the other client left.
+    with QMPClient(socket_path=socket_path, timeout=10) as client:
+        assert client.execute("query-name") == {"name": "rolevm"}
+    assert vm.apply()["changed"] is False and vm.qemus() == [started["pid"]]
+
+
+def test_a_busy_socket_of_a_qemu_the_role_did_not_start_is_in_use(ansible, workdir):
+    other = VM(workdir, name="other").start()
+    try:
+        with QMPClient(socket_path=other.socket, timeout=10) as holder:
+            holder.execute("query-status")
+            vm = RoleVM(ansible, workdir, vm_qmp_socket=other.socket)
+            for state in ("running", "absent"):
+                result = vm.apply(vm_state=state)
+                assert result["rc"] != 0
+                messages = " ".join(r["result"]["msg"] for r in result["failed"])
+                assert "%s is in use" % other.socket in messages, messages
+            assert vm.qemus() == [] and stat.S_ISSOCK(os.stat(other.socket).st_mode)
+        assert other.qmp("query-name") == {"name": "other"}
+    finally:
+        other.kill()
+
+
+def test_a_postmigrate_qemu_does_not_count_as_running(role_vm):
+    vm = role_vm
+    pid = vm.apply()["vm_result"]["pid"]
+    vm.qmp("migrate", {"uri": "exec:cat > /dev/null"})
+    _wait(lambda: vm.qmp("query-migrate").get("status") == "completed", "the migration to complete")
+    result = vm.apply()
+    assert result["rc"] != 0
+    messages = " ".join(r["result"]["msg"] for r in result["failed"])
+    assert "(pid %d, %s) is postmigrate" % (pid, vm.path("rolevm.qmp")) in messages, messages
+    assert vm.qemus() == [pid]
+    stopped = vm.apply(vm_state="absent", vm_shutdown_timeout=0)
+    assert stopped["rc"] == 0 and vm.qemus() == []
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b", "..", "."])
+def test_a_name_that_is_not_plain_is_refused(ansible, workdir, name):
+    vm = RoleVM(ansible, workdir, name=name, vm_extra_qmp_socket="")
+    result = vm.apply()
+    assert result["rc"] != 0
+    messages = " ".join(r["result"]["msg"] for r in result["failed"])
+    assert "must be a plain name" in messages, messages
+    # Nothing was made, in the run folder or beside it (where "../outside" points).
+    assert not os.path.exists(vm.run_dir)
+    assert [f for f in os.listdir(workdir) if not f.startswith("results-")] == []
+
+
+def test_an_existing_run_folder_keeps_its_mode_and_an_unsafe_one_is_refused(ansible, workdir):
+    shared = os.path.join(workdir, "shared")
+    os.mkdir(shared)
+    os.chmod(shared, 0o1777)
+    vm = RoleVM(ansible, workdir, vm_run_dir=shared, vm_extra_qmp_socket="")
+    try:
+        started = vm.apply()
+        assert started["rc"] == 0, started["stdout"]
+        assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    finally:
+        vm.apply(vm_state="absent", vm_shutdown_timeout=0)
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+
+    os.chmod(shared, 0o777)
+    refused = vm.apply()
+    assert refused["rc"] != 0
+    messages = " ".join(r["result"]["msg"] for r in refused["failed"])
+    assert "is writable by every user and has no sticky bit" in messages, messages
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o777 and vm.qemus() == []
+
+    fresh = os.path.join(workdir, "fresh", "run")
+    made = RoleVM(ansible, workdir, vm_run_dir=fresh, vm_extra_qmp_socket="").apply(check=False, vm_state="absent",
+                                                                                   vm_moved_to="elsewhere")
+    assert made["rc"] == 0 and stat.S_IMODE(os.stat(fresh).st_mode) == 0o750
+
+
+def test_no_serial_port(role_vm):
+    vm = role_vm
+    started = vm.apply(vm_serial=None)
+    assert started["rc"] == 0, started["stdout"]
+    assert started["vm_result"]["serial_log"] is None
+    assert "serial0" not in [c["label"] for c in vm.qmp("query-chardev")]
+    assert not [f for f in vm.files() if "serial" in f]
+    assert vm.apply(vm_serial=None)["changed"] is False
