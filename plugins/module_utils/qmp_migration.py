@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import time
 
+from ansible.module_utils.parsing.convert_bool import boolean
+
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError, QMPTimeoutError
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_state import read_status
 
@@ -56,6 +58,14 @@ def read_parameters(qm):
     return {}
 
 
+def as_boolean(what, value):
+    """`value` as Ansible reads a boolean ("no", "off", "false" and "0" are false), or a MigrationError."""
+    try:
+        return boolean(value, strict=True)
+    except TypeError:
+        raise MigrationError("%s must be true or false (yes/no, on/off, 1/0), not %r" % (what, value))
+
+
 def _same(wanted, reported):
     if wanted is None:
         return reported in (None, "")
@@ -77,11 +87,15 @@ def configure(qm, capabilities, parameters):
     if unknown:
         raise MigrationError("this QEMU has no migration capability %s (it has: %s)"
                              % (", ".join(sorted(unknown)), ", ".join(known)))
-    caps = [{"capability": name, "state": bool(state)} for name, state in sorted(capabilities.items())
-            if bool(current_caps.get(name)) != bool(state)]
+    capabilities = dict((name, as_boolean("capability " + name, state)) for name, state in capabilities.items())
+    caps = [{"capability": name, "state": state} for name, state in sorted(capabilities.items())
+            if bool(current_caps.get(name)) != state]
     current_params = read_parameters(qm)
     params, legacy = {}, []
+    parameters = dict(parameters)
     for name, value in sorted(parameters.items()):
+        if isinstance(current_params.get(name), bool):
+            value = parameters[name] = as_boolean("parameter " + name, value)
         if qm.schema.has_argument("migrate-set-parameters", name):
             if name not in current_params or not _same(value, current_params.get(name)):
                 params[name] = value
@@ -99,7 +113,7 @@ def configure(qm, capabilities, parameters):
     changed = [c["capability"] for c in caps] + sorted(params) + [n for n, dummy in legacy]
     before = {"capabilities": dict((k, bool(current_caps.get(k))) for k in capabilities),
               "parameters": dict((k, current_params.get(k)) for k in parameters)}
-    after = {"capabilities": dict((k, bool(v)) for k, v in capabilities.items()),
+    after = {"capabilities": dict(capabilities),
              "parameters": dict(parameters)}
     return before, after, changed
 

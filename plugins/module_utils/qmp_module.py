@@ -13,8 +13,11 @@ client error into one plain `fail_json`.
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import os
+import re
+import shlex
 
 from ansible.module_utils.basic import AnsibleModule
 
@@ -60,6 +63,114 @@ def secret_strings(value):
     for item in value:
         strings.extend(secret_strings(item))
     return strings
+
+
+# Commands whose `password` argument is one: QEMU's display passwords, and the guest agent's
+# (base64 of the password, or of its crypted form). `block_passwd` is QEMU's before 4.0.
+_PASSWORD_COMMANDS = frozenset(["set_password", "change-vnc-password", "guest-set-user-password", "block_passwd"])
+
+
+def secret_paths(command, arguments):
+    """The arguments of `command` that carry a secret, as paths for `redacted` ("data", "props.data").
+
+    A secret object's `data` (object-add of qom-type secret, also in the `props` QEMU before 6.0
+    takes), the `password` of set_password, change-vnc-password and the guest agent's
+    guest-set-user-password, the `arg` of QEMU's old `change vnc password`, and the whole
+    `command-line` of a human-monitor-command that sets a password or adds a secret object
+    (see `hmp_secrets`). Only the paths `arguments` has are listed.
+    """
+    if not isinstance(arguments, dict):
+        return []
+    paths = []
+    if command == "object-add" and arguments.get("qom-type") == "secret":
+        if "data" in arguments:
+            paths.append("data")
+        if isinstance(arguments.get("props"), dict) and "data" in arguments["props"]:
+            paths.append("props.data")
+    elif command in _PASSWORD_COMMANDS:
+        if "password" in arguments:
+            paths.append("password")
+    elif command == "change":
+        if arguments.get("device") == "vnc" and arguments.get("target") == "password" and "arg" in arguments:
+            paths.append("arg")
+    elif command == "human-monitor-command":
+        if hmp_secrets(arguments.get("command-line")) is not None:
+            paths.append("command-line")
+    return paths
+
+
+def hmp_secrets(command_line):
+    """The secrets a human monitor command line carries, or None when it sets no password and adds no
+    secret object.
+
+    A list (empty when the secret cannot be picked out of the line; the whole line is one then) of the
+    password of `set_password` and `change vnc password`, or the data of `object_add secret,...`.
+    """
+    if not isinstance(command_line, str):
+        return None
+    name, dummy, rest = command_line.strip().partition(" ")
+    rest = rest.strip()
+    if name in ("set_password", "block_passwd"):
+        # set_password protocol password [-d display] [action]; block_passwd device password
+        return _hmp_words(rest)[1:2]
+    if name == "change":
+        words = _hmp_words(rest)
+        if not words or words[0] != "vnc":
+            return None
+        # change vnc password [password]; whatever else follows vnc may be a password given wrong.
+        return words[2:3] if words[1:2] == ["password"] else words[1:]
+    if name == "object_add" and _hmp_adds_secret(rest):
+        return _hmp_object_data(rest)
+    return None
+
+
+def _hmp_words(text):
+    try:
+        return shlex.split(text)
+    except ValueError:  # an unbalanced quote
+        return text.split()
+
+
+def _hmp_adds_secret(options):
+    """Whether object_add's `options` (key=value,... or JSON) may add a secret object with data.
+
+    Errs on the side of yes: any word `secret` and any word `data`."""
+    return re.search(r"\bsecret\b", options) is not None and re.search(r"\bdata\b", options) is not None
+
+
+def _hmp_object_data(options):
+    """The `data` given in object_add's options, as a list of none or one."""
+    if options.startswith("{"):
+        try:
+            value = json.loads(options)
+        except ValueError:
+            return []
+        data = value.get("data") if isinstance(value, dict) else None
+        return [data] if isinstance(data, str) and data else []
+    for pair in _keyval_pairs(options):
+        key, equals, value = pair.partition("=")
+        if equals and key.strip() == "data" and value:
+            return [value]
+    return []
+
+
+def _keyval_pairs(options):
+    """QEMU's key=value,... split at each comma, a doubled comma standing for one in a value."""
+    pairs, current, index = [], [], 0
+    while index < len(options):
+        char = options[index]
+        if char == "," and options[index + 1:index + 2] == ",":
+            current.append(",")
+            index += 2
+            continue
+        if char == ",":
+            pairs.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        index += 1
+    pairs.append("".join(current))
+    return pairs
 
 
 def redacted(arguments, paths):
@@ -145,6 +256,9 @@ class QMPModule:
             error = timeout_error(option, self.params[option])
             if error:
                 self.fail(error)
+        for option in ("socket", "host"):
+            if "\x00" in (self.params[option] or ""):
+                self.fail("%s must not contain a NUL character: %r" % (option, self.params[option]))
 
     @property
     def wait_timeout(self):
@@ -210,9 +324,27 @@ class QMPModule:
             return
         self.commands.append(entry)
 
+    def protect(self, command, arguments, redact=None):
+        """`arguments` as `qmp_commands` shows them: the secrets among them replaced by REDACTED.
+
+        The secrets are those at the paths `redact` lists (see `redacted`) and those `secret_paths`
+        knows for `command`; their values are hidden from the whole result (see `hide`). `arguments`
+        itself is left as it is, for QEMU. Every command the module runs goes through here; a module
+        that takes a command from its user calls it before connecting, so that a failed connection
+        hides them too.
+        """
+        paths = list(redact or [])
+        paths.extend(path for path in secret_paths(command, arguments) if path not in paths)
+        recorded = redacted(arguments, paths)
+        if recorded is not arguments:
+            self.hide(*[value for path in paths for value in _values_at(arguments, path)])
+            if command == "human-monitor-command":
+                self.hide(*(hmp_secrets(arguments.get("command-line")) or []))
+        return recorded
+
     def query(self, command, arguments=None, timeout=None):
         """Run a command that only reads state, in check mode too."""
-        self._record(command, arguments, repeatable=True)
+        self._record(command, self.protect(command, arguments), repeatable=True)
         return self.client.execute(command, arguments, timeout=timeout)
 
     def transient(self, command, arguments=None):
@@ -221,19 +353,18 @@ class QMPModule:
         For scratch state a module needs to measure something QEMU cannot be
         asked directly (a temporary bitmap, a read-only probe node).
         """
-        self._record(command, arguments)
+        self._record(command, self.protect(command, arguments))
         return self.client.execute(command, arguments)
 
     def change(self, command, arguments=None, timeout=None, redact=None):
         """Run a command that changes QEMU; in check mode only validate and record it.
 
-        `redact` lists the arguments that hold secrets (see `redacted`): QEMU gets them as
-        they are, `qmp_commands` shows REDACTED, and their values are hidden (see `hide`).
+        `redact` lists the arguments that hold secrets beside those `secret_paths` knows (see
+        `protect`): QEMU gets them as they are, `qmp_commands` shows REDACTED, and their values
+        are hidden (see `hide`).
         """
         self.changed = True
-        recorded = redacted(arguments, redact)
-        if recorded is not arguments:
-            self.hide(*[value for path in redact for value in _values_at(arguments, path)])
+        recorded = self.protect(command, arguments, redact)
         if self.check_mode:
             self.validate(command, arguments)
             self._record(command, recorded)
@@ -245,7 +376,8 @@ class QMPModule:
         """Keep secrets out of everything the module returns.
 
         Ansible hides them as it hides the values of no_log options, anywhere in the result
-        (QEMU's error text too); messages the module builds show REDACTED instead.
+        (QEMU's error text too); messages the module builds show REDACTED instead. So a short or
+        common secret ("1", "root") is hidden wherever that text appears in the result.
         """
         for value in values:
             for text in secret_strings(value):
@@ -336,6 +468,7 @@ def error_result(exc):
         result["qmp_error"] = {"class": exc.error_class, "desc": exc.desc}
     if isinstance(exc, QMPConnectError):
         result["qmp_address"] = exc.address
+        result["qmp_connect_reason"] = exc.reason
     return str(exc), result
 
 

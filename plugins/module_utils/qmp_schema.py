@@ -323,9 +323,35 @@ def _read_cache(path, version):
     if (not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT
             or data.get("version") != version or not isinstance(data.get("schema"), list)):
         return None
-    if not all(isinstance(e, dict) and "name" in e and "meta-type" in e for e in data["schema"]):
+    if not all(_well_formed(e) for e in data["schema"]):
         return None
     return data["schema"]
+
+
+# The keys each kind of SchemaInfo has (QAPI's introspection), and so the lookups read.
+_REQUIRED_KEYS = {
+    "command": ("arg-type", "ret-type"),
+    "event": ("arg-type",),
+    "object": ("members",),
+    "alternate": ("members",),
+    "array": ("element-type",),
+    "builtin": ("json-type",),
+    "enum": (),
+}
+
+
+def _well_formed(entry):
+    """Whether a cached SchemaInfo has what the lookups read: a cache of another shape is fetched again."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+        return False
+    required = _REQUIRED_KEYS.get(entry.get("meta-type"))
+    if required is None or not all(isinstance(entry.get(key), (str, list)) for key in required):
+        return False
+    if entry["meta-type"] == "enum":
+        return True
+    parts = [entry.get("members", []), entry.get("variants", [])]
+    return all(isinstance(part, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str) for m in part)
+               for part in parts)
 
 
 def _write_cache(path, version, entries):

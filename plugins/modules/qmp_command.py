@@ -40,6 +40,19 @@ options:
         C(guest-get-*), V(guest-info), V(guest-ping) and V(guest-fsfreeze-status) count as queries.
     type: bool
     default: false
+notes:
+  - These secrets never show in the module's result - the C(data) of V(object-add) with C(qom-type) V(secret)
+    (also inside C(props), the form QEMU before 6.0 takes); the C(password) of V(set_password),
+    V(change-vnc-password) and the guest agent's V(guest-set-user-password); and the whole C(command-line) of
+    a V(human-monitor-command) that sets a password (C(set_password), C(change vnc password)) or adds a secret
+    object (C(object_add secret,...)). RV(qmp_commands) shows them as V(********), and Ansible hides them from
+    the rest of the result as it hides C(no_log) options, in the module's arguments (C(invocation), which
+    C(-vvv) prints) and in QEMU's error text alike, in check mode and when the command fails too.
+  - A hidden value is hidden wherever it appears in the result, so a short or common secret (V(1), V(root))
+    also hides that text elsewhere in it, as for Ansible's C(no_log) options.
+  - Any other secret in O(arguments) is shown as it is. Give it to QEMU through a V(secret) object instead
+    (M(qemu.qmp.qmp_object), which never shows its C(data), or the object's C(file) for QEMU to read) and
+    refer to the object by its id, or put it in a file on the host for QEMU to read.
 attributes:
   check_mode:
     description: Queries run; other commands are validated against QEMU's schema and not sent.
@@ -78,7 +91,8 @@ EXAMPLES = r"""
 RETURN = r"""
 qmp_commands:
   description:
-    - The QMP commands the module sent, in order, as they went on the wire (without the C(id)).
+    - The QMP commands the module sent, in order, as they went on the wire (without the C(id)), with the
+      secrets listed in the notes shown as V(********).
       In check mode, the commands that would change QEMU are listed but not sent.
   returned: always
   type: list
@@ -117,6 +131,8 @@ def main():
         qm.protocol = "guest-agent"
     command = qm.params["command"]
     arguments = qm.params["arguments"] or None
+    # Before connecting: a result that says the connection failed shows the arguments too.
+    qm.protect(command, arguments)
     with qm.connected():
         if is_query(command):
             result = qm.query(command, arguments)

@@ -71,6 +71,32 @@ def test_configured(vm, ansible):
     assert result["_status"] == "failed" and "no migration capability no-such-capability" in result["msg"]
 
 
+# What an INI inventory, `-e key=value` or a quoted YAML value gives, and what YAML gives.
+FALSE_VALUES = ["false", "False", "no", "off", "0", "n", 0, False]
+TRUE_VALUES = ["true", "yes", "on", "1", 1, True]
+
+
+def test_capabilities_read_as_ansible_reads_booleans(vm, ansible):
+    def set_events(value):
+        return ansible.run("qmp_migrate", {"socket": vm.socket, "state": "configured",
+                                           "capabilities": {"events": value}}, vm=vm)
+
+    def events():
+        return dict((c["capability"], c["state"]) for c in vm.qmp("query-migrate-capabilities"))["events"]
+
+    for falsy, truthy in zip(FALSE_VALUES, TRUE_VALUES + TRUE_VALUES[:2]):
+        vm.qmp("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        result = set_events(falsy)
+        assert result["_status"] == "ok" and result["changed"] is True, (falsy, result)
+        assert events() is False, falsy
+        assert set_events(falsy)["changed"] is False, falsy
+        result = set_events(truthy)
+        assert result["changed"] is True and events() is True, truthy
+    result = set_events("maybe")
+    assert result["_status"] == "failed" and "capability events must be true or false" in result["msg"], result
+    assert events() is True
+
+
 def test_incoming(vm_factory, workdir, ansible):
     dest = vm_factory("dest", args=["-incoming", "defer"])
     uri = "unix:" + os.path.join(workdir, "in.sock")

@@ -128,3 +128,50 @@ def test_hidden_values_are_scrubbed_from_failures_longest_first():
 def test_scrub_without_secrets_leaves_messages_alone():
     qm = QMPModule.__new__(QMPModule)
     assert qm.scrub("nothing hidden") == "nothing hidden"
+
+
+@pytest.mark.parametrize("run", ["change", "query", "transient"])
+@pytest.mark.parametrize("check_mode", [False, True])
+def test_every_way_of_running_a_command_redacts_known_secrets(run, check_mode):
+    qm = make_qm(check_mode=check_mode)
+    arguments = {"protocol": "vnc", "password": SECRET}
+    getattr(qm, run)("set_password", arguments)
+    assert qm.commands == [{"execute": "set_password", "arguments": {"protocol": "vnc", "password": REDACTED}}]
+    assert qm.module.no_log_values == {SECRET}
+    assert arguments["password"] == SECRET
+    assert qm.client.sent == ([] if check_mode and run == "change" else [("set_password", arguments)])
+
+
+def test_hmp_hides_the_line_and_the_password_in_it():
+    qm = make_qm()
+    line = "set_password vnc %s" % SECRET
+    qm.change("human-monitor-command", {"command-line": line})
+    assert qm.commands == [{"execute": "human-monitor-command", "arguments": {"command-line": REDACTED}}]
+    assert qm.module.no_log_values == {line, SECRET}
+    assert qm.scrub("Error: %s is refused" % SECRET) == "Error: ******** is refused"
+
+
+def test_the_callers_paths_add_to_the_known_ones():
+    qm = make_qm()
+    arguments = {"qom-type": "secret", "id": "s0", "data": SECRET, "keyid": "k0"}
+    qm.change("object-add", arguments, redact=["keyid", "data"])
+    assert qm.commands[0]["arguments"] == {"qom-type": "secret", "id": "s0", "data": REDACTED, "keyid": REDACTED}
+    assert qm.module.no_log_values == {SECRET, "k0"}
+
+
+def test_protect_before_connecting_hides_without_recording():
+    qm = make_qm()
+    shown = qm.protect("guest-set-user-password", {"username": "root", "password": "c2VjcmV0"})
+    assert shown == {"username": "root", "password": REDACTED}
+    assert qm.module.no_log_values == {"c2VjcmV0"} and qm.commands == [] and qm.client.sent == []
+
+
+def test_commands_without_secrets_are_recorded_as_they_are():
+    qm = make_qm()
+    arguments = {"command-line": "info status"}
+    qm.change("human-monitor-command", arguments)
+    qm.query("query-status")
+    assert qm.commands == [{"execute": "human-monitor-command", "arguments": arguments},
+                           {"execute": "query-status"}]
+    assert qm.commands[0]["arguments"] is arguments
+    assert not qm.module.no_log_values

@@ -149,6 +149,14 @@ def test_load_schema_cache_hit(tmp_path):
     '{"format": 99, "version": %s, "schema": []}' % json.dumps(VERSION),
     '{"format": 1, "version": %s, "schema": {}}' % json.dumps(VERSION),
     "[]",
+    # Valid JSON of the wrong shape: entries without what the lookups read.
+    '{"format": 1, "version": %s, "schema": [{"name": "query-status", "meta-type": "command"}]}'
+    % json.dumps(VERSION),
+    '{"format": 1, "version": %s, "schema": [{"name": "x", "meta-type": "object", "members": "y"}]}'
+    % json.dumps(VERSION),
+    '{"format": 1, "version": %s, "schema": [{"name": "x", "meta-type": "object", "members": [1]}]}'
+    % json.dumps(VERSION),
+    '{"format": 1, "version": %s, "schema": [{"name": "x", "meta-type": "surprise"}]}' % json.dumps(VERSION),
 ])
 def test_load_schema_ignores_and_rewrites_a_bad_cache(tmp_path, content):
     path = cache_path(str(tmp_path), VERSION)
