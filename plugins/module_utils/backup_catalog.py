@@ -40,6 +40,8 @@ MANIFEST_FILE = re.compile(r"^([0-9]{4,})-(full|incremental|differential)\.json$
 UNFINISHED = ".unfinished"
 LOCK_FILE = ".lock"
 JOURNAL_FILE = ".journal.json"
+# The mode of the files a run writes: manifests, the lock, damage records, and restored images.
+FILE_MODE = 0o640
 # Written into a chain's folder when a verify or a restore found damage in it: backups do not build on it.
 DAMAGE_FILE = ".damaged"
 # Temporary manifests: written, synced, then renamed into place.

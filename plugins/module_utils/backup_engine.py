@@ -33,6 +33,7 @@ import time
 
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_catalog import (
     DAMAGE_FILE,
+    FILE_MODE,
     JOB_PREFIX,
     LOCK_FILE,
     NODE_PATTERN,
@@ -50,6 +51,7 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
     Journal,
     Tool,
     check_image,
+    check_output,
     direct_io_works,
     fsync_path,
     iso,
@@ -430,7 +432,10 @@ class Engine:
 
     def write_manifest(self, plan, manifest):
         try:
-            write_json(plan["manifest_path"], manifest, durable=True, mode=0o640, indent=2)
+            # A backup holds the guest's data: its images get the mode of the rest of the catalog.
+            for disk in plan["disks"]:
+                os.chmod(disk["image_path"], FILE_MODE)
+            write_json(plan["manifest_path"], manifest, durable=True, mode=FILE_MODE, indent=2)
         except OSError as exc:
             raise os_error("writing the manifest %s" % plan["manifest_path"], exc)
 
@@ -585,8 +590,7 @@ class Engine:
         if problems:
             raise BackupChainError("backup %s of disk %s cannot be restored: %s" % (
                 backup.label, self.s.disk, "; ".join(problems)), problems=problems)
-        if os.path.lexists(self.s.output) and not self.s.force:
-            raise BackupChainError("%s exists; set force to overwrite it" % self.s.output)
+        check_output(self.s.output, self.s.force)
         return {"changed": True, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
                 "finished": backup.manifest.get("finished"), "disk": self.s.disk,
                 "image": backup.images()[self.s.disk], "output": self.s.output,
@@ -604,32 +608,50 @@ class Engine:
                 raise BackupChainError("backup %s of disk %s cannot be restored: %s" % (
                     backup.label, node, "; ".join(problems)), problems=problems)
             output = self.s.output
-            if os.path.lexists(output) and not self.s.force:
-                raise BackupChainError("%s exists; set force to overwrite it" % output)
+            check_output(output, self.s.force)
             image = backup.images()[node]
-            folder = os.path.dirname(os.path.abspath(output))
-            fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(output), suffix=".restore", dir=folder)
-            os.close(fd)
-            try:
-                self.reporter.phase("restoring %s from backup %s" % (node, backup.label))
-                self.tool.run([self.s.qemu_img, "convert", "-p", "-O", "qcow2", image, tmp],
-                              "restoring %s into %s" % (image, output),
-                              progress=lambda percent: self.reporter.progress(
-                                  "restoring disk %s from backup %s: %.1f%%" % (node, backup.label, percent)))
-                self.reporter.phase("checking the restored image")
-                self.tool.run([self.s.qemu_img, "check", "-q", "-f", "qcow2", tmp], "checking the restored image")
-                fsync_path(tmp)
-                os.rename(tmp, output)
-                fsync_path(folder, directory=True)
-            except BaseException:
-                unlink_quietly(tmp)
-                raise
+            self.write_restored(node, backup, image, output)
             return {
                 "changed": True, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
                 "finished": backup.manifest.get("finished"), "disk": node, "image": image, "output": output,
                 "verified": [b.label for b in lineage], "warnings": self.warnings,
                 "duration": round(time.monotonic() - begin, 3),
             }
+
+    def write_restored(self, node, backup, image, output):
+        """Flatten `image` into a new file beside `output`, check it, then rename it over `output`: the output
+        name only ever holds a complete, checked image. The new file is created exclusively (never through a
+        symlink), and removed when anything fails or the run is stopped."""
+        folder = os.path.dirname(os.path.abspath(output))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(output), suffix=".restore", dir=folder)
+        except OSError as exc:
+            raise os_error("cannot create the restored image in %s" % folder, exc)
+        try:
+            self.reporter.phase("restoring %s from backup %s" % (node, backup.label))
+            self.tool.run([self.s.qemu_img, "convert", "-p", "-O", "qcow2", image, tmp],
+                          "restoring %s into %s" % (image, output),
+                          progress=lambda percent: self.reporter.progress(
+                              "restoring disk %s from backup %s: %.1f%%" % (node, backup.label, percent)))
+            self.reporter.phase("checking the restored image")
+            self.tool.run([self.s.qemu_img, "check", "-q", "-f", "qcow2", tmp], "checking the restored image")
+            try:
+                mine, there = os.fstat(fd), os.lstat(tmp)
+                if (mine.st_dev, mine.st_ino) != (there.st_dev, there.st_ino):
+                    raise BackupChainError("the restored image %s was replaced while it was written; %s is left "
+                                           "as it was" % (tmp, output), output=output)
+                os.fchmod(fd, FILE_MODE)
+                os.fsync(fd)
+                check_output(output, self.s.force)  # again: something may have appeared there meanwhile
+                os.rename(tmp, output)
+                fsync_path(folder, directory=True)
+            except OSError as exc:
+                raise os_error("putting the restored image in place as %s" % output, exc)
+        except BaseException:
+            unlink_quietly(tmp)
+            raise
+        finally:
+            os.close(fd)
 
     def verify(self):
         begin = time.monotonic()
@@ -675,7 +697,7 @@ class Engine:
         for chain, problems in by_chain.items():
             path = os.path.join(chain.dir, DAMAGE_FILE)
             try:
-                write_json(path, {"found": iso(utc_now()), "problems": problems}, durable=True, mode=0o640, indent=2)
+                write_json(path, {"found": iso(utc_now()), "problems": problems}, durable=True, mode=FILE_MODE, indent=2)
             except OSError as exc:
                 self.warnings.append("could not record the damage in %s: %s" % (path, exc.strerror or exc))
         damaged = set(c.id for c in by_chain)

@@ -17,10 +17,16 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 
-from ansible_collections.qemu.qmp.plugins.module_utils.backup_catalog import JOURNAL_FILE, LOCK_FILE, BackupChainError
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_catalog import (
+    FILE_MODE,
+    JOURNAL_FILE,
+    LOCK_FILE,
+    BackupChainError,
+)
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_digest import digest_mismatches
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import unlink_quietly, write_json
 
@@ -64,6 +70,28 @@ def os_error(what, exc):
     return BackupChainError("%s: %s" % (what, exc.strerror or exc), errno=exc.errno)
 
 
+def check_output(path, force):
+    """Refuse to restore into `path` when something is there that a restore must not replace: anything but a
+    regular file (a symlink is never followed nor replaced, even with force), or any file without force."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise os_error("cannot check the output %s" % path, exc)
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        if stat.S_ISLNK(info.st_mode):
+            try:
+                kind = "a symlink (to %s)" % os.readlink(path)
+            except OSError:
+                kind = "a symlink"
+        raise BackupChainError("the output %s is %s: a restore replaces only a regular file, "
+                               "even with force; remove it or choose another output" % (path, kind), output=path)
+    if not force:
+        raise BackupChainError("%s exists; set force to overwrite it" % path, output=path)
+
+
 class DirLock:
     """The VM's backup lock: exclusive for a backup, shared for a restore or a verify."""
 
@@ -88,7 +116,7 @@ class DirLock:
 
     def __enter__(self):
         try:
-            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
         except OSError as exc:
             if self.exclusive:
                 raise os_error("cannot open the lock file %s" % self.path, exc)

@@ -152,11 +152,14 @@ options:
     type: str
   output:
     description:
-      - With O(operation=restore), the image to write. It appears only once complete and checked (written
-        beside it under a temporary name, then renamed).
+      - With O(operation=restore), the image to write, with mode C(0640) (the mode of the manifests). It appears
+        only once complete and checked (written beside it under a new temporary name, then renamed); a failed or
+        stopped restore removes the temporary file and leaves O(output) as it was.
+      - A symlink, a directory or any other file that is not a regular file at O(output) is refused, even with
+        O(force). A restore never writes through a symlink nor replaces one.
     type: path
   force:
-    description: With O(operation=restore), overwrite O(output) when it exists.
+    description: With O(operation=restore), replace O(output) when it is an existing regular file.
     type: bool
     default: false
   lock_timeout:

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -787,3 +788,88 @@ def test_check_mode_changes_nothing_and_shows_the_plan(disk_vm, workdir, ansible
                                "drop_after_commit": [since(full["chain"], 0)]}
     shown = next(r["result"]["msg"] for r in records if r["task"] == "Show what was backed up")
     assert "would take incremental backup 1" in shown and "3.00 MB to copy" in shown
+
+
+
+@pytest.fixture
+def one_point(disk_vm, workdir, ansible):
+    """A VM with one full backup, and QEMU's own copy of the disk at that point."""
+    vm = disk_vm
+    role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
+    vm.guest_write("vdisk0", 2 * MiB, 3 * MiB, 0x5a)
+    role.backup()
+    return role, reference_copy(vm, "disk0", os.path.join(workdir, "ref.qcow2"), SIZE)
+
+
+def read_bytes(path):
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize("target", ["victim", "missing"])
+def test_restore_refuses_a_symlink_at_the_output_even_with_force(one_point, workdir, target):
+    """Nothing is written through the symlink, and the symlink stays, with or without --check."""
+    role, dummy = one_point
+    victim = os.path.join(workdir, target)
+    if target == "victim":
+        with open(victim, "wb") as handle:
+            handle.write(b"not to be overwritten\n" * 1000)
+        before = read_bytes(victim)
+    output = os.path.join(workdir, "restored.qcow2")
+    os.symlink(victim, output)
+    for args in (["--check"], None):
+        restore = role.run(entry="restore", backup_restore_disk="disk0", backup_restore_output=output,
+                           backup_restore_force=True, args=args)
+        assert restore["rc"] != 0, (args, restore["stdout"][-3000:])
+        assert any("output %s is a symlink" % output in m for m in restore["failed"]), (args, restore["failed"])
+        assert os.path.islink(output) and os.readlink(output) == victim
+        if target == "victim":
+            assert read_bytes(victim) == before
+        else:
+            assert not os.path.lexists(victim)
+    assert not glob.glob(os.path.join(workdir, ".restored.qcow2.*"))
+
+
+def test_restored_image_has_the_backups_mode(one_point, workdir):
+    role, ref = one_point
+    output = os.path.join(workdir, "restored.qcow2")
+    role.restore("disk0", output)
+    # The mode of the files the backup writes (its manifest and its images).
+    assert stat.S_IMODE(os.lstat(output).st_mode) == stat.S_IMODE(os.stat(role.manifests()[0]).st_mode) == 0o640
+    images = glob.glob(os.path.join(role.folder, "**", "*.qcow2"), recursive=True)
+    assert images and [stat.S_IMODE(os.stat(image).st_mode) for image in images] == [0o640] * len(images)
+    assert not os.path.islink(output)
+    assert same_content(output, ref)
+
+
+# A qemu-img whose check of the restored image fails: the restore stops after writing the whole image.
+FAILING_CHECK = """#!/bin/sh
+if [ "$1" = check ]; then echo "qemu-img: injected: image corrupt" >&2; exit 3; fi
+exec qemu-img "$@"
+"""
+
+
+def test_forced_restore_replaces_a_regular_file(one_point, workdir):
+    """Without force an existing output is refused; a failed forced restore leaves it as it was and no temporary
+    file; a forced restore replaces it."""
+    role, ref = one_point
+    output = os.path.join(workdir, "restored.qcow2")
+    with open(output, "wb") as handle:
+        handle.write(b"an old image\n")
+    refused = role.run(entry="restore", backup_restore_disk="disk0", backup_restore_output=output)
+    assert refused["rc"] != 0 and any("%s exists" % output in m and "force" in m for m in refused["failed"]), \
+        refused["failed"]
+    wrapper = os.path.join(workdir, "qemu-img")
+    with open(wrapper, "w", encoding="utf-8") as handle:
+        handle.write(FAILING_CHECK)
+    os.chmod(wrapper, 0o755)
+    failed = role.run(entry="restore", backup_restore_disk="disk0", backup_restore_output=output,
+                      backup_restore_force=True, backup_qemu_img=wrapper)
+    assert failed["rc"] != 0 and any("injected: image corrupt" in m for m in failed["failed"]), failed["failed"]
+    assert read_bytes(output) == b"an old image\n"
+    assert not glob.glob(os.path.join(workdir, ".restored.qcow2.*"))
+
+    role.restore("disk0", output, backup_restore_force=True)
+    assert not os.path.islink(output) and same_content(output, ref)
+    assert stat.S_IMODE(os.stat(output).st_mode) == 0o640
+    assert not glob.glob(os.path.join(workdir, ".restored.qcow2.*"))
