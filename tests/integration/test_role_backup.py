@@ -790,7 +790,6 @@ def test_check_mode_changes_nothing_and_shows_the_plan(disk_vm, workdir, ansible
     assert "would take incremental backup 1" in shown and "3.00 MB to copy" in shown
 
 
-
 @pytest.fixture
 def one_point(disk_vm, workdir, ansible):
     """A VM with one full backup, and QEMU's own copy of the disk at that point."""

@@ -622,8 +622,9 @@ def test_an_existing_run_folder_keeps_its_mode_and_an_unsafe_one_is_refused(ansi
     assert stat.S_IMODE(os.stat(shared).st_mode) == 0o777 and vm.qemus() == []
 
     fresh = os.path.join(workdir, "fresh", "run")
-    made = RoleVM(ansible, workdir, vm_run_dir=fresh, vm_extra_qmp_socket="").apply(check=False, vm_state="absent",
-                                                                                   vm_moved_to="elsewhere")
+    # Writing a moved marker makes the folder too.
+    fresh_vm = RoleVM(ansible, workdir, vm_run_dir=fresh, vm_extra_qmp_socket="")
+    made = fresh_vm.apply(vm_state="absent", vm_moved_to="elsewhere")
     assert made["rc"] == 0 and stat.S_IMODE(os.stat(fresh).st_mode) == 0o750
 
 
