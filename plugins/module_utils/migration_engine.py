@@ -15,7 +15,9 @@ policy applied as passes go by), and does the switch-over itself. From
 `pre-switchover`, where QEMU holds the guest stopped, it completes the
 mirrors and continues the migration in the same process: no Ansible task
 runs while the guest is paused. Any failure before the hand-over undoes what
-it did and leaves the VM running on the source.
+it did and leaves the VM running on the source. Its message says where the VM
+runs then, as read from the source (its run state, its migration's state, and
+whether its process still lives), never as assumed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import Aband
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPCommandError, QMPError, QMPTimeoutError
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_jobs import JobWaitTimeout, JobWaiter, read_jobs_by_id
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_migration import (
-    ACTIVE, MIGRATION_EVENTS, MigrationError, configure, listening_address, read_info, uri_matches)
+    ACTIVE, MIGRATION_EVENTS, MigrationError, as_boolean, configure, listening_address, read_info, uri_matches)
 from ansible_collections.qemu.qmp.plugins.module_utils import qmp_nbd
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_state import read_status
 
@@ -121,7 +123,7 @@ def set_tls(parameters, schema, tls_creds, tls_hostname=None):
 
 def capabilities_for(converge, capabilities, copies, side):
     """The capabilities of one side: the user's, with what the policy and the disk copies need."""
-    capabilities = dict(capabilities)
+    capabilities = dict((name, as_boolean("capability " + name, state)) for name, state in capabilities.items())
     if converge == "postcopy":
         # QEMU sends RAM over several connections (multifd) or switches to post-copy, not both.
         capabilities.update({"postcopy-ram": True, "multifd": False})
@@ -231,7 +233,7 @@ class Incoming:
         qm = self.qm
         exports = qmp_nbd.read_exports(qm)
         removed = []
-        for export in self.exports:
+        for export in self._expand(self.exports, exports):
             if exports is None or export["name"] in exports:
                 try:
                     qmp_nbd.remove_export(qm, export["name"], force=True)
@@ -251,6 +253,21 @@ class Incoming:
         return {"removed_exports": removed, "nbd_server_stopped": stopped,
                 "status": read_status(qm.query)["status"], "migration": read_info(qm)["status"]}
 
+    @staticmethod
+    def _expand(wanted, exports):
+        """The exports to close: a name that ends in `*-NODE` (an earlier run's, whose prefix is not known)
+        stands for each export of that node whose name starts as it does and ends in -NODE."""
+        out = []
+        for export in wanted:
+            stem, star, dummy = export["name"].partition("*")
+            if not star:
+                out.append(export)
+                continue
+            out.extend({"node": export["node"], "name": name} for name, found in sorted((exports or {}).items())
+                       if found["node"] == export["node"] and name.startswith(stem)
+                       and name.endswith("-" + export["node"]) and len(name) > len(stem) + len(export["node"]) + 1)
+        return out
+
 
 class Outgoing:
     """The source's side: copies, migration, switch-over, and the undo of it all on failure."""
@@ -269,6 +286,7 @@ class Outgoing:
         self.paused_ms = None
         self.mirror_ms = None
         self.started = None
+        self.source_pid = None
 
     # -- plan ---------------------------------------------------------------
 
@@ -315,6 +333,8 @@ class Outgoing:
     def run(self):
         qm = self.qm
         self.started = time.monotonic()
+        # Which process runs the VM: when its socket breaks, whether the QEMU is gone is read from /proc.
+        self.source_pid = qm.client.peer_pid() if qm.client is not None else None
         self.was_running = self._refuse_unless_ready() == "running"
         self.reporter.phase("configuring the migration")
         configure(qm, self.capabilities(), self.parameters())
@@ -326,9 +346,10 @@ class Outgoing:
             info = self._follow()
         except (QMPError, Abandoned) as exc:
             self.reporter.can_abandon = False
-            undone = self._roll_back()
+            undone, where = self._roll_back()
             raise MigrationError("%s; %s" % (exc, undone), **dict(getattr(exc, "details", None) or {},
-                                                                  policy_steps=self.policy_steps))
+                                                                  policy_steps=self.policy_steps,
+                                                                  source_pid=self.source_pid, vm_runs=where))
         self.reporter.can_abandon = False
         self._drop_copies()
         return self._result(info)
@@ -504,14 +525,24 @@ class Outgoing:
     # -- undo ---------------------------------------------------------------
 
     def _roll_back(self):
-        """Give the source its VM back; returns what was done, for the message."""
+        """Give the source its VM back. Returns (what is so now, for the message; where the VM runs: `source`,
+        `destination`, `both` (post-copy: its memory is split between them), `nowhere` or `unknown`)."""
         qm = self.qm
         try:
             status = read_status(qm.query)
-            if status["status"] == "postmigrate" or self.postcopy_started:
-                return ("the VM was handed over to the destination before this failed: both QEMUs are left as "
-                        "they are (source %s), so that only one of them runs the VM" % status["status"])
             info = read_info(qm)
+            # A QEMU that was a migration's destination itself reports that migration `completed`: only the
+            # run state tells that this one handed the VM over.
+            if status["status"] == "postmigrate" and not self.postcopy_started:
+                return ("the source had handed the VM over (run state %s, migration %s) before this failed: the VM "
+                        "runs on the destination (%s) now. Both QEMUs are left as they are, the source stopped, so "
+                        "that the VM never runs twice" % (status["status"], info["status"], self.s["uri"]),
+                        "destination")
+            if self.postcopy_started:
+                return ("the migration failed in post-copy (%s), after the guest had started to run on the "
+                        "destination (%s): the guest's memory is split between the two QEMUs. Both are left as "
+                        "they are (the source %s); QEMU's postcopy recovery (migrate-recover) may still save the "
+                        "VM" % (info["status"], self.s["uri"], status["status"]), "both")
             if info["status"] in ACTIVE:
                 if info["status"] != "cancelling":
                     qm.change("migrate_cancel")
@@ -526,11 +557,44 @@ class Outgoing:
             if self.was_running and not status["running"] and status["status"] not in ("postmigrate", "shutdown"):
                 qm.change("cont")
                 status = read_status(qm.query)
-            return "the VM goes on %s on the source%s" % (status["status"], ", the disk copies are stopped"
-                                                          if self.copies else "")
+            if status["status"] in ("running", "paused"):
+                return ("the migration is cancelled%s, and the VM goes on %s on the source" % (
+                    " and the disk copies stopped" if self.copies else "", status["status"]), "source")
+            return ("the migration is cancelled, and the VM is %s on the source: check it with qemu.qmp.qmp_info"
+                    % status["status"], "source")
         except QMPError as exc:
-            return "undoing the migration failed too (%s): check the source with qemu.qmp.qmp_info" % exc
-        except OSError as exc:  # pragma: no cover - the socket itself broke
-            if exc.errno == errno.EPIPE:
-                return "the source's QEMU went away"
-            raise
+            return self._source_lost("undoing the migration failed too (%s)" % exc)
+        except OSError as exc:  # the socket itself broke
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET):
+                raise
+            return self._source_lost("the connection to the source broke (%s)" % (exc.strerror or exc))
+
+    def _source_lost(self, what):
+        """The source's QMP connection is lost: tell from its process whether the QEMU is gone."""
+        pid = self.source_pid
+        if pid and not process_lives(pid):
+            if self.postcopy_started:
+                return ("the source QEMU (pid %d) is gone, killed or crashed during post-copy: the destination (%s) "
+                        "ran the guest but cannot get the rest of its memory, so the VM is lost" % (pid, self.s["uri"]),
+                        "nowhere")
+            return ("the source QEMU (pid %d) is gone, killed or crashed, and the VM with it; the migration had not "
+                    "completed, so the destination (%s) does not have the VM either: the VM is not running anywhere"
+                    % (pid, self.s["uri"]), "nowhere")
+        return ("%s; the source QEMU%s still runs, but its state cannot be read: check it with qemu.qmp.qmp_info"
+                % (what, " (pid %d)" % pid if pid else ""), "unknown")
+
+
+def process_lives(pid, wait=2.0):
+    """Whether process `pid` lives; one that is ending (its sockets already closed) is given `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with open("/proc/%d/stat" % pid, encoding="ascii", errors="replace") as handle:
+                state = handle.read().rpartition(")")[2].split()[:1]
+        except OSError:
+            return False
+        if state in (["Z"], ["X"]):
+            return False
+        if time.monotonic() >= deadline:
+            return True
+        time.sleep(0.05)

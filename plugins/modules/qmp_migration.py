@@ -21,6 +21,10 @@ description:
     completes the mirrors and continues the migration at once, so the guest's pause stays within the downtime
     limit. Any failure before the hand-over undoes what the run did and leaves the VM running on the source.
     A source that already handed its VM over (run state C(postmigrate)) is unchanged.
+  - B(Failures.) The message of a failed migration says where the VM runs then, as read from the source after
+    the failure (its run state, its migration's state, and, when its QMP connection broke, whether its process
+    still lives), and RV(vm_runs) says it in one word. A source QEMU that was killed or crashed in the middle is
+    reported as gone, with the VM running nowhere.
   - B(Long runs.) The run goes on in a process of its own on the host. This module's action plugin follows it,
     printing a progress line every O(poll_interval) seconds, for as long as it takes. When the controller stops
     following (killed, cancelled, its connection lost) for O(controller_timeout) seconds before the hand-over,
@@ -59,6 +63,9 @@ options:
     description:
       - The NBD export of each copy is named O(export_prefix)C(-)NODE. Make it unique to the migration, so that
         two migrations into one host never share a name.
+      - With O(state=closed), a prefix that ends in C(*) stands for any text there, so that the exports an
+        earlier run left, whose prefix is not known, can be removed (V(vm1-*) removes C(vm1-20261201T101500-disk0)
+        of a copy of node C(disk0)).
     type: str
     default: qemu-qmp-migration
   nbd_address:
@@ -225,6 +232,18 @@ info:
   description: QEMU's C(query-migrate) at the end.
   returned: O(state=migrated)
   type: dict
+vm_runs:
+  description:
+    - Where the VM runs after a failed O(state=migrated), as read from the source after the failure.
+    - V(source) (the migration was cancelled), V(destination) (the source had handed the VM over),
+      V(both) (post-copy failed, and the guest's memory is split between the two QEMUs), V(nowhere) (the source
+      QEMU is gone), or V(unknown) (the source still runs but does not answer).
+  returned: failure of O(state=migrated) after the migration started
+  type: str
+source_pid:
+  description: The process id of the source QEMU (the peer of its QMP socket).
+  returned: failure of O(state=migrated) after the migration started
+  type: int
 removed_exports:
   description: The exports removed by O(state=closed).
   returned: O(state=closed)
@@ -279,6 +298,8 @@ def main():
             qm.fail("%s must not be negative, not %d" % (option, params[option]))
     if params["copies"] and params["state"] != "closed" and not params["nbd_address"]:
         qm.fail("copies need nbd_address: where the destination serves them")
+    if "*" in params["export_prefix"] and (params["state"] != "closed" or not params["export_prefix"].endswith("*")):
+        qm.fail("export_prefix may end in * only with state=closed, not %r" % params["export_prefix"])
     capabilities = capabilities_for(params["converge"], params["capabilities"], params["copies"],
                                     "source" if params["state"] == "migrated" else "destination")
     copies = [{"node": node, "export": "%s-%s" % (params["export_prefix"], node)} for node in params["copies"]]

@@ -18,7 +18,7 @@ import pytest
 
 from backup_helpers import MiB
 from harness import GUEST_DIR, make_image, qemu_binary
-from test_role_backup import BackupRole
+from test_role_backup import BackupRole, wait_for
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPClient
 
 TICK = re.compile(r"guest: tick (\d+) ([0-9.]+)\r?\n")
@@ -49,10 +49,10 @@ class Guest:
         }
         self.serial_log = os.path.join(self.run_dir, self.name + ".serial.log")
 
-    def play(self, tasks, check=False, **extra):
+    def play(self, tasks, check=False, env=None, **extra):
         # Play variables, not extra vars: extra vars would outrank what the migrate role sets for the destination.
         play = [{"hosts": "localhost", "gather_facts": False, "vars": dict(self.vars, **extra), "tasks": tasks}]
-        records, proc = self.ansible.playbook(json.dumps(play), args=["--check"] if check else None)
+        records, proc = self.ansible.playbook(json.dumps(play), args=["--check"] if check else None, env=env)
         failed = [r["result"].get("msg", "") for r in records
                   if r["status"] == "failed" and not r["result"].get("_rescued")]
         return records, proc, failed
@@ -65,15 +65,34 @@ class Guest:
     def stop(self):
         self.play([{"name": "vm", "ansible.builtin.include_role": {"name": "qemu.qmp.vm"}}], vm_state="absent")
 
-    def migrate(self, check=False, **extra):
+    def migrate(self, check=False, env=None, **extra):
         records, proc, failed = self.play([
             {"name": "migrate", "ansible.builtin.include_role": {"name": "qemu.qmp.migrate"}},
-            {"name": "result", "ansible.builtin.debug": {"var": "migrate_result"}}], check=check, **extra)
+            {"name": "result", "ansible.builtin.debug": {"var": "migrate_result"}}], check=check, env=env, **extra)
         result = next((r["result"].get("migrate_result") for r in records if r["task"] == "result"), None)
         changed = any(r["result"].get("changed") for r in records if r["status"] == "ok")
         return {"rc": proc.returncode, "result": result, "failed": failed, "changed": changed,
                 "debug": [r["result"].get("msg") for r in records if r["action"] == "ansible.builtin.debug"],
-                "stdout": proc.stdout}
+                "stdout": proc.stdout + proc.stderr}
+
+    def migrate_in_background(self, **extra):
+        """Start the migrate role in an ansible-playbook of its own (its own process group); returns the Popen."""
+        play = [{"hosts": "localhost", "gather_facts": False, "vars": dict(self.vars, **extra), "tasks": [
+            {"name": "migrate", "ansible.builtin.include_role": {"name": "qemu.qmp.migrate"}}]}]
+        path = os.path.join(self.ansible.workdir, "bg-%d.yml" % time.monotonic_ns())
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(play))
+        return subprocess.Popen(["ansible-playbook", "-i", "localhost,", "-c", "local", path],
+                                env=self.ansible.env(path + ".jsonl"), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def migration(self, socket_path):
+        """query-migrate on `socket_path`, or {} when it does not answer."""
+        try:
+            with QMPClient(socket_path=socket_path, timeout=2) as client:
+                return client.execute("query-migrate")
+        except Exception:  # pylint: disable=broad-except
+            return {}
 
     @property
     def socket(self):
@@ -164,6 +183,33 @@ def records(image):
         if match:
             found[slot] = int(match.group(1))
     return found, data[SLOTS * 4096:]
+
+
+def slow_guest(guest, append="qmpguest.fill_mb=96 qmpguest.dirty_mb=16", ready=r"guest: dirtying"):
+    """A started guest whose memory takes a while to migrate, and the second QMP socket the test watches it on
+    (the migration holds the VM's own, as it would a tool's): (vm, socket)."""
+    vm = guest(append=append)
+    tools = os.path.join(vm.run_dir, vm.name + ".tools.qmp")
+    vm.vars["vm_extra_qmp_socket"] = tools
+    vm.start(vm_memory=256)
+    vm.wait_serial(ready)
+    return vm, tools
+
+
+def when_under_way(vm, tools, act, timeout=120):
+    """Call `act()` in a thread once the VM's migration has sent 4 MiB (read on the second QMP socket `tools`:
+    the migration holds the VM's own); returns the thread."""
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = vm.migration(tools)
+            if info.get("status") == "active" and info.get("ram", {}).get("transferred", 0) > 4 * MiB:
+                act()
+                return
+            time.sleep(0.1)
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 @pytest.fixture
@@ -280,29 +326,14 @@ def test_backup_chain_goes_on_after_migration(guest, workdir, ansible):
 
 
 def test_destination_killed_mid_migration_then_rerun(guest):
-    vm = guest(append="qmpguest.fill_mb=96 qmpguest.dirty_mb=16")
-    # The migration holds the VM's QMP socket: the test watches it through a second one, as tools should.
-    tools = os.path.join(vm.run_dir, vm.name + ".tools.qmp")
-    vm.vars["vm_extra_qmp_socket"] = tools
-    vm.start(vm_memory=256)
-    vm.wait_serial(r"guest: dirtying")
+    vm, tools = slow_guest(guest)
     old_pid = vm.pid()
     incoming_pidfile = os.path.join(vm.run_dir, vm.name + ".incoming.pid")
 
     def kill_destination():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                info = vm.qmp("query-migrate", socket_path=tools)
-            except Exception:  # pylint: disable=broad-except
-                info = {}
-            if info.get("status") == "active" and info.get("ram", {}).get("transferred", 0) > 4 * MiB:
-                with open(incoming_pidfile, encoding="utf-8") as handle:
-                    os.kill(int(handle.read()), signal.SIGKILL)
-                return
-            time.sleep(0.1)
-    killer = threading.Thread(target=kill_destination, daemon=True)
-    killer.start()
+        with open(incoming_pidfile, encoding="utf-8") as handle:
+            os.kill(int(handle.read()), signal.SIGKILL)
+    killer = when_under_way(vm, tools, kill_destination)
     # Slow enough to be killed in the middle.
     outcome = vm.migrate(migrate_parameters={"max-bandwidth": 8 * MiB}, migrate_timeout=300)
     killer.join()
@@ -339,3 +370,98 @@ def test_the_same_qemu_is_left_alone_unless_forced(guest, workdir):
     outcome = vm.migrate(migrate_storage="copy")
     assert outcome["rc"] != 0 and any("onto itself" in m for m in outcome["failed"]), outcome["failed"]
     assert vm.qemus() == [pid] and vm.qmp("query-status")["status"] == "running"
+
+
+@pytest.mark.parametrize("old_qemu", ["postmigrate", "gone"])
+def test_playbook_killed_mid_migration_then_rerun_adopts_the_destination(guest, old_qemu):
+    """ansible-playbook dies while the VM migrates; the migration goes on on the host and completes. The rerun
+    finds the VM on the destination QEMU, makes it the VM's own and stops the old one; also when the old one
+    is gone by then (a run killed after it stopped the old QEMU, before the new one took the VM's names)."""
+    # No memory dirtied: at 8 MiB/s it completes by itself, well within the run's controller timeout.
+    vm, tools = slow_guest(guest, append="qmpguest.fill_mb=64", ready=r"guest: tick 2 ")
+    old_pid = vm.pid()
+    watch = SerialWatch(vm)
+    watch.start()
+    controller = vm.migrate_in_background(migrate_parameters={"max-bandwidth": 8 * MiB}, migrate_timeout=300)
+    when_under_way(vm, tools, lambda: os.killpg(controller.pid, signal.SIGKILL)).join()
+    output = controller.communicate(timeout=60)[0]
+    assert controller.returncode == -signal.SIGKILL, output[-3000:]
+    wait_for(lambda: vm.migration(tools).get("status") == "completed", timeout=120,
+             what="the migration to complete without its controller")
+    # The VM has left the source; the destination, not adopted yet, runs it.
+    incoming = os.path.join(vm.run_dir, vm.name + ".incoming.qmp")
+    assert vm.qmp("query-status", socket_path=tools)["status"] == "postmigrate"
+    assert vm.qmp("query-status", socket_path=incoming)["status"] == "running"
+    assert len(vm.qemus()) == 2
+    if old_qemu == "gone":
+        os.kill(old_pid, signal.SIGKILL)
+        wait_for(lambda: old_pid not in vm.qemus(), what="the old QEMU to end")
+
+    again = vm.migrate()
+    assert again["rc"] == 0, again["stdout"][-3000:]
+    result = again["result"]
+    assert result["status"] == "completed" and result["resumed"] is True and again["changed"], result
+    assert any("runs on %s" % incoming in (m or "") for m in again["debug"]), again["debug"]
+    # One QEMU runs the VM, under the VM's own names, and the guest goes on counting.
+    assert vm.qemus() == [result["pid"]] and result["pid"] != old_pid and vm.pid() == result["pid"]
+    assert result["qmp_socket"] == vm.socket and vm.qmp("query-status")["status"] == "running"
+    last = max(watch.seen)
+    vm.wait_serial(r"guest: tick %d " % (last + 2))
+    watch.stop()
+    watch.switch()  # no tick lost, none repeated
+    assert not [f for f in os.listdir(vm.run_dir) if ".incoming" in f], os.listdir(vm.run_dir)
+
+    # A third run finds nothing left to finish, and migrates as usual.
+    third = vm.migrate()
+    assert third["rc"] == 0, third["stdout"][-3000:]
+    assert third["result"].get("resumed") is not True and vm.qemus() == [third["result"]["pid"]]
+
+
+def test_source_killed_mid_migration(guest):
+    """The source QEMU dies in the middle: the VM runs nowhere, and the role says so."""
+    vm, tools = slow_guest(guest)
+    old_pid = vm.pid()
+    killer = when_under_way(vm, tools, lambda: os.kill(old_pid, signal.SIGKILL))
+    outcome = vm.migrate(migrate_parameters={"max-bandwidth": 8 * MiB}, migrate_timeout=300)
+    killer.join()
+    assert outcome["rc"] != 0
+    message = outcome["failed"][-1]
+    assert "goes on running" not in message, message
+    assert "the source QEMU (pid %d, %s on localhost) is gone, killed or crashed" % (old_pid, vm.socket) in message, message
+    assert "is not running anywhere" in message and "had not received the whole VM" in message, message
+    assert "qemu.qmp.vm" in message, message
+    # No QEMU is left, and nothing of the destination.
+    assert vm.qemus() == []
+    assert not [f for f in os.listdir(vm.run_dir) if ".incoming" in f], os.listdir(vm.run_dir)
+
+    # A rerun says the same, and the vm role starts the VM again.
+    again = vm.migrate()
+    assert again["rc"] != 0 and any("is not running anywhere" in m for m in again["failed"]), again["failed"]
+    vm.start()
+    assert vm.qmp("query-status")["status"] == "running" and len(vm.qemus()) == 1
+
+
+def test_migration_run_killed_mid_migration(guest, workdir):
+    """The run on the host that drives the migration is killed: QEMU goes on migrating by itself. The role reads
+    the source, cancels that migration, and says that the VM goes on running there."""
+    vm, tools = slow_guest(guest)
+    old_pid = vm.pid()
+    runs = os.path.join(workdir, "runs")
+
+    def kill_run():
+        for name in os.listdir(runs):
+            with open(os.path.join(runs, name, "status.json"), encoding="utf-8") as handle:
+                os.kill(json.load(handle)["pid"], signal.SIGKILL)
+    killer = when_under_way(vm, tools, kill_run)
+    outcome = vm.migrate(env={"QMP_RUNS_DIR": runs}, migrate_parameters={"max-bandwidth": 8 * MiB},
+                         migrate_timeout=300)
+    killer.join()
+    assert outcome["rc"] != 0
+    message = outcome["failed"][-1]
+    assert "and it goes on running on localhost (%s)" % vm.socket in message, message
+    assert "ended without a result" in message and "The source QEMU (%s on localhost) is running" % vm.socket \
+        in message, message
+    # The migration QEMU went on with is cancelled; the source runs alone, nothing of the destination is left.
+    assert vm.migration(tools)["status"] == "cancelled"
+    assert vm.qemus() == [old_pid] and vm.qmp("query-status")["status"] == "running"
+    assert not [f for f in os.listdir(vm.run_dir) if ".incoming" in f], os.listdir(vm.run_dir)
