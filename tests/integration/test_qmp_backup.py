@@ -187,7 +187,7 @@ def test_started_then_completed_reports_progress(disk_vm, workdir, ansible):
     create_target(os.path.join(workdir, "t.qcow2"), SIZE)
     add_target(vm, "t", os.path.join(workdir, "t.qcow2"))
     args = {"socket": vm.socket, "mode": "full", "disks": [{"node": "disk0", "target": "t"}],
-            "anchor_bitmaps": ["inc"], "speed": 16 * MiB, "state": "started", "poll": 1}
+            "anchor_bitmaps": ["inc"], "speed": 6 * MiB, "state": "started", "poll": 1}
     first = ansible.run("qmp_backup", args, vm=vm)
     assert first["started"] is True and first["finished"] is False
     assert 0 < first["disks"][0]["percent"] < 100 and first["disks"][0]["result"] == "running"
