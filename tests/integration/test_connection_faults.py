@@ -119,6 +119,14 @@ def test_unusable_timeouts_fail_naming_the_option(vm, ansible, option, value, sh
         option, shown)
 
 
+@pytest.mark.parametrize("args", [{"socket": "/run/vm\x00.qmp"}, {"host": "local\x00host", "port": 4444}])
+def test_a_nul_in_the_address_fails_naming_the_option(ansible, args):
+    result = ansible.run("qmp_info", dict(args, gather=["status"]))
+    option = "socket" if "socket" in args else "host"
+    assert result["_status"] == "failed" and result["msg"].startswith(
+        "%s must not contain a NUL character" % option), result
+
+
 def test_no_connection_given(ansible):
     result = ansible.run("qmp_info", {"gather": ["status"]})
     assert result["_status"] == "failed"
