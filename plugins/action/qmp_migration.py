@@ -14,9 +14,6 @@ from ansible.errors import AnsibleError
 from ansible_collections.qemu.qmp.plugins.plugin_utils.follow_run import FollowRunAction
 
 CONNECTION_OPTIONS = ("socket", "host", "port", "timeout")
-# How the shared run machinery says that a run ended without its result: in the module's first wait, or
-# while the controller followed it.
-RUN_ENDED = ("the detached run ended without a result", "the run on the host (")
 
 
 class ActionModule(FollowRunAction):
@@ -26,7 +23,8 @@ class ActionModule(FollowRunAction):
         self._migration_vars = task_vars or {}
         result = super().run(tmp, task_vars)
         msg = result.get("msg") or ""
-        if result.get("failed") and self._task.args.get("state") == "migrated" and msg.startswith(RUN_ENDED):
+        # `run_ended` is how the shared run machinery says that a run ended without its result.
+        if result.get("failed") and self._task.args.get("state") == "migrated" and result.get("run_ended") == "killed":
             # Killed or crashed: QEMU goes on with a migration that was started, by itself.
             host = self._migration_vars.get("inventory_hostname", "")
             result["msg"] = "%s: it was killed or crashed. %s" % (msg.split(". It was")[0], self._source_now(
@@ -35,22 +33,22 @@ class ActionModule(FollowRunAction):
 
     def follow(self, host, run, interval, controller_timeout):
         result = self.follow_run(host, run, interval, controller_timeout)
-        if result.get("failed") and "qmp_commands" not in result and self._task.args.get("state") == "migrated":
+        if result.get("run_ended") in ("controller_gone", "host_lost") and self._task.args.get("state") == "migrated":
             # The follower's own failure, not the run's: say what it means for the VM.
-            result["msg"] = self._explain(host, run, controller_timeout, result.get("msg", ""))
+            result["msg"] = self._explain(result["run_ended"], host, run, controller_timeout, result.get("msg", ""))
         result.setdefault("qmp_commands", [])
         return result
 
-    def _explain(self, host, run, controller_timeout, msg):
+    def _explain(self, ended, host, run, controller_timeout, msg):
         source = "%s on %s" % (self._task.args.get("socket") or "the source QEMU", host)
         uri = self._task.args.get("uri")
-        if msg.startswith("ansible-playbook went away"):
+        if ended == "controller_gone":
             return ("ansible-playbook went away while the VM migrated from %s. The migration goes on in the run on "
                     "the host (%s): a migration that has not handed the VM over within %ds is cancelled there, and "
                     "the VM stays on the source; one that completes leaves the VM running on the destination "
                     "(%s), and a rerun of the qemu.qmp.migrate role finishes the move"
                     % (source, run["dir"], controller_timeout, uri))
-        if msg.startswith("lost the host"):
+        if ended == "host_lost":
             return ("%s. The VM was migrating from %s: the run there cancels a migration that has not handed the VM "
                     "over within %ds (the VM stays on the source), and lets one that has complete (the VM then runs "
                     "on the destination, %s). Where it runs cannot be read from here while the host is lost"

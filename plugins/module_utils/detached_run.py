@@ -275,7 +275,7 @@ def start(work, wait, controller_timeout):
         return True, status["result"]
     if not status["alive"]:
         shutil.rmtree(run_dir, ignore_errors=True)
-        return True, {"failed": True, "msg": "the detached run ended without a result: %s"
+        return True, {"failed": True, "run_ended": "killed", "msg": "the detached run ended without a result: %s"
                       % (status.get("error") or status.get("phase") or "unknown")}
     status["run"] = info
     return False, status

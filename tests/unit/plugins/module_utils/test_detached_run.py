@@ -152,7 +152,7 @@ def test_work_that_dies_gives_a_failed_result(runs):
 
     finished, result = start(work, 10, 60)
     if finished:
-        assert result == {"failed": True, "msg": "the detached run ended without a result: starting"}
+        assert result == {"failed": True, "run_ended": "killed", "msg": "the detached run ended without a result: starting"}
     else:
         # The pipe's end can reach start() before the kernel drops the dead worker's lock on `alive`: start() then
         # hands the run to the controller, whose poll tells it is dead.
