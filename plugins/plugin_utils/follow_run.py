@@ -74,22 +74,24 @@ class FollowRunAction(ActionBase):
         while True:
             time.sleep(interval)
             if os.getppid() != self.controller:
-                return {"failed": True, "run_ended": "controller_gone", "msg": "ansible-playbook went away; the run in %s stops by itself and undoes "
-                                               "what it did" % run["dir"]}
+                return {"failed": True, "run_ended": "controller_gone",
+                        "msg": "ansible-playbook went away; the run in %s stops by itself and undoes what it did"
+                        % run["dir"]}
             try:
                 status = self.poll(run)
             except (AnsibleConnectionFailure, ValueError) as exc:
                 last_error = exc
                 if time.monotonic() - heard > controller_timeout:
-                    return {"failed": True, "run_ended": "host_lost", "msg": "lost the host for %ds while following the run in %s (%s); the run "
-                                                   "stops by itself and undoes what it did, and the next run cleans up"
-                                                   % (time.monotonic() - heard, run["dir"], last_error)}
+                    return {"failed": True, "run_ended": "host_lost",
+                            "msg": "lost the host for %ds while following the run in %s (%s); the run stops by itself "
+                            "and undoes what it did, and the next run cleans up"
+                            % (time.monotonic() - heard, run["dir"], last_error)}
                 continue
             heard = time.monotonic()
             if status.get("state") == "done":
                 return status.get("result") or {}
             if not status.get("alive"):
-                return {"failed": True, "run_ended": "killed", "msg": "the run on the host (%s) ended without a result during: %s. It was "
-                                               "killed or crashed; the next run cleans up after it"
-                                               % (run["dir"], status.get("phase") or status.get("error") or "?")}
+                return {"failed": True, "run_ended": "killed",
+                        "msg": "the run on the host (%s) ended without a result during: %s. It was killed or crashed; "
+                        "the next run cleans up after it" % (run["dir"], status.get("phase") or status.get("error") or "?")}
             self.show(host, status.get("line"))
