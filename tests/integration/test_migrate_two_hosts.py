@@ -181,10 +181,12 @@ class Watch(threading.Thread):
 
 
 class Listeners(threading.Thread):
-    """Every TCP socket a QEMU listens on while it runs (ss, as the machine sees all processes)."""
+    """Every TCP socket a QEMU inside the given hosts listens on while it runs (ss, as the machine
+    sees all processes; QEMUs of anything else on the machine are not ours to judge)."""
 
-    def __init__(self):
+    def __init__(self, hosts):
         super().__init__(daemon=True)
+        self.hosts = hosts
         self.seen = set()
         self.running = True
 
@@ -192,7 +194,8 @@ class Listeners(threading.Thread):
         while self.running:
             out = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True, check=False).stdout
             for line in out.splitlines():
-                if "qemu-system" in line:
+                pids = [int(p) for p in re.findall(r'"qemu-system[^"]*",pid=(\d+)', line)]
+                if any(host.holds(pid) for pid in pids for host in self.hosts):
                     self.seen.add(line.split()[3])
             time.sleep(0.05)
 
@@ -272,7 +275,7 @@ def test_copied_storage_there_and_back_over_tls(cross_vm, two_hosts, workdir):
     vm.wait_tick("host1", vm.last_tick("host1") + 2)
 
     watch = Watch(vm, "host1", "host2", since=vm.last_tick("host1"))
-    listeners = Listeners()
+    listeners = Listeners(two_hosts)
     capture = Capture(two_hosts.host2.address, skip_ports=[two_hosts.host2.port])
     for thread in (watch, listeners, capture):
         thread.start()

@@ -335,6 +335,11 @@ class Host:
     def qemu_pids(self):
         return [pid for pid, argv in self.processes() if _is_qemu(argv)]
 
+    def holds(self, pid):
+        """Whether process `pid` (seen from outside) runs inside this host."""
+        init = self.init_pid
+        return bool(init) and pid != init and _pid_ns(pid) is not None and _pid_ns(pid) == _pid_ns(init)
+
     def _check(self, what, argv, proc, check):
         if check and proc.returncode != 0:
             raise RuntimeError("%s on %s: %s exited with %s\nstdout: %s\nstderr: %s"
