@@ -3,6 +3,7 @@
 # (.../ansible_collections/qemu/qmp). This machine cannot download pip's
 # bootstrap script, so a stand-in that uses ensurepip is put in its cache.
 #   tools/ansible-test.sh sanity [args...]
+# VENV names the virtualenv whose ansible-test runs (default: .venv).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 # Outside the checkout: inside it, ansible-test would list files with git and
@@ -28,5 +29,5 @@ PY
 done
 
 cd "$dest"
-export PATH="$top/.venv/bin:$PATH"
+export PATH="$top/${VENV:-.venv}/bin:$PATH"
 ansible-test "$@"
