@@ -50,12 +50,16 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
     DirLock,
     Journal,
     Tool,
+    allocated_size,
     check_image,
     check_output,
     direct_io_works,
+    existing_output,
     fsync_path,
+    human,
     iso,
     os_error,
+    output_difference,
     progress_text,
     remove_tree,
     stop_process,
@@ -280,13 +284,18 @@ class Engine:
                 raise self.failed(plan, exc, failure)
             raise
         removed = self.after_commit(plan)
+        # The checksums stay in the manifest: a big disk has thousands.
+        disks = [dict((k, v) for k, v in d.items() if k != "digest") for d in manifest["disks"]]
         return {
             "changed": True, "skipped": False, "level": plan["level"], "chain": plan["chain"],
             "sequence": plan["sequence"], "based_on": plan["based_on"], "dir": plan["dir"],
-            "manifest": plan["manifest_path"], "duration": manifest["duration"],
-            # The checksums stay in the manifest: a big disk has thousands.
-            "disks": [dict((k, v) for k, v in d.items() if k != "digest") for d in manifest["disks"]],
-            "bytes_copied": sum(d["bytes_copied"] for d in manifest["disks"]),
+            "manifest": plan["manifest_path"], "duration": manifest["duration"], "disks": disks,
+            "bytes_copied": sum(d["bytes_copied"] for d in disks),
+            "bytes_written": sum(d["bytes_written"] for d in disks),
+            "msg": "%s in %.1fs: %s" % (self.announce(plan), manifest["duration"], "; ".join(
+                "%s %s written (%s %s)" % (d["node"], human(d["bytes_written"]), human(d["bytes_copied"]),
+                                           "read over NBD" if self.s.mode == "pull"
+                                           else "copied by the job, zeros included") for d in disks)),
             "cleaned": self.cleaned, "removed_chains": removed, "warnings": self.warnings,
             "timings": self.timings, "qmp_commands": self.commands(),
         }
@@ -373,6 +382,8 @@ class Engine:
                 except OSError as exc:
                     raise os_error("syncing image %s of disk %s" % (disk["image_path"], disk["node"]), exc)
             fsync_path(plan["dir"], directory=True)
+            # What each image takes once on disk; the job's count includes every zero a full backup reads.
+            written = dict((d["node"], allocated_size(d["image_path"])) for d in plan["disks"])
         checked = bool(self.s.verify)
         if checked:
             for disk in plan["disks"]:
@@ -397,7 +408,8 @@ class Engine:
             manifest["disks"].append({
                 "node": disk["node"], "device": disk.get("device"), "image": disk["image"], "backing": disk["backing"],
                 "virtual_size": int(disk["size"]), "image_size": digests[disk["node"]]["size"],
-                "bytes_copied": int(result.get("bytes") or 0), "duration": result.get("duration"),
+                "bytes_copied": int(result.get("bytes") or 0), "bytes_written": written[disk["node"]],
+                "duration": result.get("duration"),
                 "checked": checked, "digest": digests[disk["node"]],
             })
         errors = manifest_errors(manifest)
@@ -535,6 +547,8 @@ class Engine:
             "changed": True, "skipped": False, "level": plan["level"], "chain": plan["chain"],
             "sequence": plan["sequence"], "based_on": plan["based_on"], "dir": plan["dir"],
             "manifest": plan["manifest_path"], "disks": planned,
+            "msg": "would take %s: %s" % (self.announce(plan), "; ".join(
+                "%s %s to copy" % (d["node"], human(d["bytes_to_copy"])) for d in planned)),
             "bytes_to_copy": sum(d["bytes_to_copy"] for d in planned),
             "bitmaps": {"read": plan["read_bitmap"], "add": plan["add_bitmaps"],
                         "drop_after_commit": plan["drop_bitmaps"]},
@@ -590,11 +604,38 @@ class Engine:
         if problems:
             raise BackupChainError("backup %s of disk %s cannot be restored: %s" % (
                 backup.label, self.s.disk, "; ".join(problems)), problems=problems)
-        check_output(self.s.output, self.s.force)
-        return {"changed": True, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
-                "finished": backup.manifest.get("finished"), "disk": self.s.disk,
-                "image": backup.images()[self.s.disk], "output": self.s.output,
-                "verified": [], "would_verify": [b.label for b in lineage]}
+        image = backup.images()[self.s.disk]
+        held = self.output_holds(backup, self.s.disk, image, self.s.output)
+        return {"changed": not held, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
+                "finished": backup.manifest.get("finished"), "disk": self.s.disk, "image": image,
+                "output": self.s.output, "verified": [], "would_verify": [b.label for b in lineage],
+                "msg": self.restore_message(backup, held, would=True)}
+
+    def output_holds(self, backup, node, image, output):
+        """Whether `output` already holds disk `node` as of `backup` (then a restore has nothing to write).
+        Raises when the output is there and must not be replaced: not a regular file (even with force), or an
+        image with other content, without force."""
+        if existing_output(output) is None:
+            return False
+        self.reporter.phase("comparing %s with disk %s as of backup %s" % (output, node, backup.label))
+        why = output_difference(
+            self.tool, self.s.qemu_img, output, image, backup.disk(node)["virtual_size"],
+            lambda percent: self.reporter.progress("comparing %s with disk %s as of backup %s: %.1f%%" % (
+                output, node, backup.label, percent)))
+        if why is None:
+            return True
+        if not self.s.force:
+            raise BackupChainError("%s exists and does not hold disk %s as of backup %s: %s; set force to "
+                                   "overwrite it" % (output, node, backup.label, why), output=output, difference=why)
+        return False
+
+    def restore_message(self, backup, held, would=False):
+        point = "disk %s as of backup %s" % (self.s.disk, backup.label)
+        if held:
+            return "%s already holds %s: nothing to write" % (self.s.output, point)
+        if would:
+            return "would restore %s into %s" % (point, self.s.output)
+        return "restored %s into %s, checked" % (point, self.s.output)
 
     def restore(self):
         begin = time.monotonic()
@@ -608,14 +649,15 @@ class Engine:
                 raise BackupChainError("backup %s of disk %s cannot be restored: %s" % (
                     backup.label, node, "; ".join(problems)), problems=problems)
             output = self.s.output
-            check_output(output, self.s.force)
             image = backup.images()[node]
-            self.write_restored(node, backup, image, output)
+            held = self.output_holds(backup, node, image, output)
+            if not held:
+                self.write_restored(node, backup, image, output)
             return {
-                "changed": True, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
+                "changed": not held, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
                 "finished": backup.manifest.get("finished"), "disk": node, "image": image, "output": output,
-                "verified": [b.label for b in lineage], "warnings": self.warnings,
-                "duration": round(time.monotonic() - begin, 3),
+                "verified": [b.label for b in lineage], "msg": self.restore_message(backup, held),
+                "warnings": self.warnings, "duration": round(time.monotonic() - begin, 3),
             }
 
     def write_restored(self, node, backup, image, output):

@@ -70,13 +70,19 @@ def os_error(what, exc):
     return BackupChainError("%s: %s" % (what, exc.strerror or exc), errno=exc.errno)
 
 
-def check_output(path, force):
-    """Refuse to restore into `path` when something is there that a restore must not replace: anything but a
-    regular file (a symlink is never followed nor replaced, even with force), or any file without force."""
+def allocated_size(path):
+    """Bytes the file takes on its file system (what `qemu-img info` calls its disk size): a sparse image's
+    holes and unallocated clusters take none."""
+    return os.stat(path).st_blocks * 512
+
+
+def existing_output(path):
+    """The lstat of a regular file at `path`, or None when nothing is there. Anything else there is refused: a
+    restore never writes through a symlink nor replaces one, nor a directory, a device or a socket."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return
+        return None
     except OSError as exc:
         raise os_error("cannot check the output %s" % path, exc)
     if not stat.S_ISREG(info.st_mode):
@@ -88,8 +94,60 @@ def check_output(path, force):
                 kind = "a symlink"
         raise BackupChainError("the output %s is %s: a restore replaces only a regular file, "
                                "even with force; remove it or choose another output" % (path, kind), output=path)
-    if not force:
+    return info
+
+
+def check_output(path, force):
+    """Refuse to restore into `path` when something is there that a restore must not replace: anything but a
+    regular file (even with force), or any file without force."""
+    if existing_output(path) is not None and not force:
         raise BackupChainError("%s exists; set force to overwrite it" % path, output=path)
+
+
+def output_difference(tool, qemu_img, output, image, virtual_size, progress=None):
+    """Why the image at `output` is not what restoring `image` (with its backing chain) would give, or None when
+    it is: a standalone qcow2 of the same virtual size that qemu-img check finds sound, and whose guest-visible
+    data qemu-img compare finds equal (unallocated and zero clusters count as equal, as the guest sees them).
+
+    The manifests' checksums are of the backup files, not of the guest's data, so they cannot judge another
+    file; qemu-img compare reads only what either side holds, and compares every byte of it."""
+    rc, out, err = tool.call([qemu_img, "info", "--output=json", output], "reading %s" % output)
+    if rc != 0:
+        return "qemu-img cannot open it (%s)" % _first_line(err or out)
+    try:
+        info = json.loads(out)
+    except ValueError:
+        return "qemu-img info gave no JSON about it"
+    if info.get("format") != "qcow2":
+        return "it is a %s image, a restore writes qcow2" % info.get("format")
+    if info.get("backing-filename"):
+        return "it is backed by %s, a restore writes a standalone image" % info["backing-filename"]
+    data_file = ((info.get("format-specific") or {}).get("data") or {}).get("data-file")
+    if data_file:
+        return "its data is in another file (%s), a restore writes a standalone image" % data_file
+    size = info.get("virtual-size")
+    if size != virtual_size:
+        return "its virtual size is %s (%s bytes), the disk's is %s (%d bytes)" % (
+            human(size or 0), size, human(virtual_size), virtual_size)
+    rc, out, err = tool.call([qemu_img, "check", "-q", "-f", "qcow2", output], "checking %s" % output)
+    if rc not in (0, 3):  # 3: leaked clusters only, which cost space and never change the data
+        return "qemu-img check finds it damaged (%s)" % _first_line(err or out or "exit code %d" % rc)
+    rc, out, err = tool.call([qemu_img, "compare", "-p", "-f", "qcow2", "-F", "qcow2", output, image],
+                             "comparing %s with %s" % (output, image), progress)
+    if rc == 0:
+        return None
+    if rc == 1:
+        found = re.search(r"Content mismatch at offset (\d+)", out)
+        if found:
+            return "its data differs from the backup's at guest offset %s (byte %s)" % (
+                human(int(found.group(1))), found.group(1))
+        return "its data differs from the backup's"
+    return "qemu-img compare failed (%s)" % _first_line(err or out or "exit code %d" % rc)
+
+
+def _first_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0].strip() if lines else "no message"
 
 
 class DirLock:
@@ -240,9 +298,20 @@ class Tool:
         self.reporter = reporter
 
     def run(self, argv, what, progress=None):
-        """Run argv; `progress(text)` gets qemu-img's -p output. Returns stdout."""
+        """Run argv; `progress(percent)` gets qemu-img's -p output. Returns stdout; fails unless it exits 0."""
+        returncode, out, err = self.call(argv, what, progress)
+        if returncode != 0:
+            text = err.strip() or out.strip() or "exit code %d" % returncode
+            raise BackupChainError("%s: %s failed: %s" % (what, os.path.basename(argv[0]), text),
+                                   stderr=err, rc=returncode)
+        return out
+
+    def call(self, argv, what, progress=None):
+        """Run argv, for tools whose exit code is an answer (qemu-img compare): (exit code, stdout, stderr)."""
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            # A detached engine run has no AnsibleModule (no run_command); it reads the tool's progress as it goes.
+            proc = subprocess.Popen(  # pylint: disable=ansible-bad-function
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         except OSError as exc:
             raise os_error("%s: cannot run %s" % (what, argv[0]), exc)
         out, err = bytearray(), bytearray()
@@ -270,12 +339,7 @@ class Tool:
         finally:
             proc.stdout.close()
             proc.stderr.close()
-        if proc.returncode != 0:
-            text = (err.decode("utf-8", "replace").strip() or out.decode("utf-8", "replace").strip()
-                    or "exit code %d" % proc.returncode)
-            raise BackupChainError("%s: %s failed: %s" % (what, os.path.basename(argv[0]), text),
-                                   stderr=err.decode("utf-8", "replace"), rc=proc.returncode)
-        return out.decode("utf-8", "replace")
+        return proc.returncode, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
 
 
 def guest_ranges(tool, qemu_img, image, start, end):

@@ -87,7 +87,13 @@ MANIFEST_SCHEMA = {
                     "backing": {"type": ["string", "null"]},
                     "virtual_size": {"type": "integer", "minimum": 0},
                     "image_size": {"type": "integer", "minimum": 0},
-                    "bytes_copied": {"type": "integer", "minimum": 0},
+                    "bytes_copied": {"type": "integer", "minimum": 0,
+                                     "description": "Push mode: bytes QEMU's job went through, zeros included (a "
+                                                    "full backup's is the disk's virtual size). Pull mode: bytes "
+                                                    "read over NBD."},
+                    "bytes_written": {"type": "integer", "minimum": 0,
+                                      "description": "Bytes the image takes on its file system once synced "
+                                                     "(st_blocks times 512). Optional: older manifests lack it."},
                     "duration": {"type": ["number", "null"], "minimum": 0},
                     "checked": {"type": "boolean"},
                     "digest": _DIGEST,

@@ -48,7 +48,8 @@ options:
     description:
       - V(backup) takes a backup of the VM whose QMP socket the connection options give.
       - V(restore) writes one disk at O(point), flattened with the backups it is based on, into O(output), after
-        checking the checksums of every image it reads. It needs no QEMU.
+        checking the checksums of every image it reads. It needs no QEMU. When O(output) already holds that disk
+        at that point, it writes nothing and reports no change (see O(output)).
       - V(verify) checks backups without restoring them (manifests, image sizes, checksums, and
         C(qemu-img check) with O(verify)), of every chain, one chain, or one point with what it is based on
         (O(point)). It needs no QEMU and changes nothing.
@@ -157,9 +158,17 @@ options:
         stopped restore removes the temporary file and leaves O(output) as it was.
       - A symlink, a directory or any other file that is not a regular file at O(output) is refused, even with
         O(force). A restore never writes through a symlink nor replaces one.
+      - "When O(output) is an existing regular file, the restore compares it with the point: when it is a
+        standalone qcow2 image of the disk's virtual size, sound (C(qemu-img check)), with the same guest-visible
+        data (C(qemu-img compare), which reads only what either image holds), the output already holds the
+        point: nothing is written, and the result is unchanged, with or without O(force). Its mode, owner and
+        times are left as they are. Otherwise the restore fails naming the output and how it differs, unless
+        O(force) is set."
     type: path
   force:
-    description: With O(operation=restore), replace O(output) when it is an existing regular file.
+    description:
+      - With O(operation=restore), replace O(output) when it is an existing regular file that does not hold the
+        point already.
     type: bool
     default: false
   lock_timeout:
@@ -183,7 +192,8 @@ attributes:
     description:
       - A backup is planned against the live VM and its chains, without changing either; the result shows the
         level, chain, disks, bytes to copy (from the bitmaps' counts), the bitmaps it would read, add and drop,
-        and what it would clean up. A restore checks the point and reports it. A verify runs as usual (it only reads).
+        and what it would clean up. A restore checks the point, compares an existing O(output) with it, and
+        reports no change when the output already holds it. A verify runs as usual (it only reads).
     support: full
   diff_mode:
     description: A backup has no before and after to show.
@@ -194,7 +204,7 @@ notes:
   - The host needs Python's standard library, and C(qemu-img) (and C(qemu-nbd) for pull mode). The controller needs
     ansible-core alone.
   - Idempotence. Each backup run takes a backup, which is its point; with O(max_age) a run is unchanged until one is
-    due. A verify never changes anything.
+    due. A restore into an output that already holds the point is unchanged. A verify never changes anything.
 author:
   - qemu.qmp maintainers (@qemu-qmp)
 """
@@ -208,7 +218,7 @@ EXAMPLES = r"""
 
 - name: Show what was taken
   ansible.builtin.debug:
-    msg: "{{ backup.level }} backup {{ backup.sequence }} of chain {{ backup.chain }}: {{ backup.bytes_copied }} bytes"
+    msg: "{{ backup.level }} backup {{ backup.sequence }} of chain {{ backup.chain }}: {{ backup.bytes_written }} bytes written"
 
 - name: Check every chain of vm1 against its checksums
   qemu.qmp.qmp_backup_chain:
@@ -285,8 +295,20 @@ disks:
       description: The image file's size in bytes.
       type: int
     bytes_copied:
-      description: Bytes the job copied.
+      description:
+        - With O(mode=push), bytes QEMU's backup job went through (its progress count), zeros included. A full
+          backup counts the whole virtual size, however little of the disk holds data.
+        - With O(mode=pull), bytes read from QEMU's NBD export (for a full backup, what is not known to be zero).
+        - See RV(disks[].bytes_written) for what the image takes.
       type: int
+    bytes_written:
+      description:
+        - Bytes the new image takes on the backup's file system (its allocated size, C(st_blocks) times 512, what
+          C(qemu-img info) calls its disk size), measured once it is synced. That is the data the job wrote, which
+          skips zeros, plus the image's qcow2 metadata.
+        - Also in the manifest. Manifests written before this field existed do not have it.
+      type: int
+      sample: 786432
     bytes_to_copy:
       description: In check mode, bytes the job would copy (the bitmap's count; a full backup's virtual size).
       type: int
@@ -317,9 +339,24 @@ last_finished:
   returned: when RV(skipped)
   type: str
 bytes_copied:
-  description: Bytes the jobs copied, all disks together.
+  description: Bytes QEMU's jobs went through (zeros included) or read over NBD, all disks together (see RV(disks[].bytes_copied)).
   returned: when a backup was taken
   type: int
+  sample: 268435456
+bytes_written:
+  description: Bytes the new images take on disk, all disks together (see RV(disks[].bytes_written)).
+  returned: when a backup was taken
+  type: int
+  sample: 786432
+msg:
+  description:
+    - What the run did (or, in check mode, would do), for people; sizes in binary units (KiB, MiB, GiB), each named.
+    - For a backup, the bytes written and the bytes the job copied, per disk; for a restore, whether the output
+      was written or already held the point.
+  returned: when a backup was taken, skipped or planned, and for a restore
+  type: str
+  sample: "full backup 0 of chain 20261201T153000Z in 2.1s: disk0 768.0 KiB written (256.0 MiB copied by the job,
+    zeros included)"
 bytes_to_copy:
   description: In check mode, bytes the backup would copy (the bitmaps' counts; a full backup's virtual size).
   returned: in check mode
@@ -344,7 +381,8 @@ messages:
   type: list
   elements: str
 output:
-  description: The restored image.
+  description:
+    - The restored image. With C(changed=false), it already held the point and nothing was written.
   returned: for a restore
   type: str
 disk:
@@ -447,7 +485,7 @@ def main():
         last_finished, reason = engine.skip_reason()
         if reason:
             finish(qm, dict(changed=False, skipped=True, last_finished=last_finished, reason=reason,
-                            warnings=engine.warnings, qmp_commands=[]))
+                            msg="no backup taken: %s" % reason, warnings=engine.warnings, qmp_commands=[]))
         if qm.check_mode:
             try:
                 engine.refuse_while_running()

@@ -765,29 +765,46 @@ def test_a_thousand_polls_show_progress_in_constant_memory(disk_vm, workdir, ans
     assert len(role.manifests()) == 1
 
 
-def test_check_mode_changes_nothing_and_shows_the_plan(disk_vm, workdir, ansible):
+def playbook(role, name, variables=None, args=None):
+    """Run one of the collection's playbooks: (the engine's result, what the playbook showed, the process)."""
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "playbooks", name), encoding="utf-8") as handle:
+        text = handle.read()
+    records, proc = role.ansible.playbook(text, extra_vars=role.variables(**(variables or {})), args=args)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    result = next(r["result"] for r in records if r["action"] == "qemu.qmp.qmp_backup_chain")
+    shown = next(r["result"]["msg"] for r in records if r["task"].startswith("Show what was"))
+    return result, shown
+
+
+def test_backup_playbook_shows_bytes_written_and_its_check_mode_the_plan(disk_vm, workdir, ansible):
     vm = disk_vm
     role = BackupRole(ansible, vm, os.path.join(workdir, "backups"))
-    full = role.backup()
+    full, shown = playbook(role, "backup.yml")
+    # The job of a full backup goes through the whole disk; the image holds only what is allocated.
+    manifest = check_manifest(full["manifest"])
+    image = os.path.join(role.folder, full["chain"], full["disks"][0]["image"])
+    allocated = os.stat(image).st_blocks * 512
+    assert full["disks"][0]["bytes_copied"] == full["bytes_copied"] == SIZE
+    assert full["disks"][0]["bytes_written"] == full["bytes_written"] == manifest["disks"][0]["bytes_written"] \
+        == allocated
+    assert 0 < full["bytes_written"] < SIZE // 16, full["bytes_written"]
+    assert shown == full["msg"]
+    assert shown.startswith("full backup 0 of chain %s in " % full["chain"])
+    assert shown.endswith(": disk0 %s written (64.0 MiB copied by the job, zeros included)" % human(allocated))
     vm.guest_write("vdisk0", 4 * MiB, 3 * MiB, 0xd1)
 
     def state():
         return (vm.bitmaps(), sorted(vm.nodes()), vm.jobs(), role.files(),
                 sorted(os.listdir(os.path.join(role.folder, full["chain"]))))
     before = state()
-    play = os.path.join(os.path.dirname(__file__), "..", "..", "playbooks", "backup.yml")
-    with open(play, encoding="utf-8") as handle:
-        text = handle.read()
-    records, proc = role.ansible.playbook(text, extra_vars=role.variables(), args=["--check"])
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    plan, shown = playbook(role, "backup.yml", args=["--check"])
     assert state() == before
-    plan = next(r["result"] for r in records if r["action"] == "qemu.qmp.qmp_backup_chain")
     assert (plan["level"], plan["chain"], plan["sequence"], plan["bytes_to_copy"]) == \
         ("incremental", full["chain"], 1, 3 * MiB)
     assert plan["bitmaps"] == {"read": since(full["chain"], 0), "add": [since(full["chain"], 1)],
                                "drop_after_commit": [since(full["chain"], 0)]}
-    shown = next(r["result"]["msg"] for r in records if r["task"] == "Show what was backed up")
-    assert "would take incremental backup 1" in shown and "3.00 MB to copy" in shown
+    assert shown == "would take incremental backup 1 of chain %s (based on backup 0): disk0 3.0 MiB to copy" \
+        % full["chain"]
 
 
 @pytest.fixture
@@ -848,16 +865,19 @@ exec qemu-img "$@"
 """
 
 
-def test_forced_restore_replaces_a_regular_file(one_point, workdir):
-    """Without force an existing output is refused; a failed forced restore leaves it as it was and no temporary
-    file; a forced restore replaces it."""
+def test_forced_restore_replaces_a_regular_file_and_the_next_restore_is_unchanged(one_point, workdir):
+    """Without force an existing output with other data is refused; a failed forced restore leaves it as it was
+    and no temporary file; a forced restore replaces it. Then the output holds the point: check mode (even with
+    force) and a real run find so, and write nothing."""
     role, ref = one_point
     output = os.path.join(workdir, "restored.qcow2")
-    with open(output, "wb") as handle:
-        handle.write(b"an old image\n")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", output, str(SIZE)], check=True)
+    old = read_bytes(output)
     refused = role.run(entry="restore", backup_restore_disk="disk0", backup_restore_output=output)
-    assert refused["rc"] != 0 and any("%s exists" % output in m and "force" in m for m in refused["failed"]), \
-        refused["failed"]
+    assert refused["rc"] != 0 and any(
+        "%s exists and does not hold disk disk0 as of backup " % output in m
+        and "its data differs from the backup's at guest offset 2.0 MiB" in m and "set force" in m
+        for m in refused["failed"]), refused["failed"]
     wrapper = os.path.join(workdir, "qemu-img")
     with open(wrapper, "w", encoding="utf-8") as handle:
         handle.write(FAILING_CHECK)
@@ -865,10 +885,22 @@ def test_forced_restore_replaces_a_regular_file(one_point, workdir):
     failed = role.run(entry="restore", backup_restore_disk="disk0", backup_restore_output=output,
                       backup_restore_force=True, backup_qemu_img=wrapper)
     assert failed["rc"] != 0 and any("injected: image corrupt" in m for m in failed["failed"]), failed["failed"]
-    assert read_bytes(output) == b"an old image\n"
+    assert read_bytes(output) == old
     assert not glob.glob(os.path.join(workdir, ".restored.qcow2.*"))
 
     role.restore("disk0", output, backup_restore_force=True)
     assert not os.path.islink(output) and same_content(output, ref)
     assert stat.S_IMODE(os.stat(output).st_mode) == 0o640
+    assert not glob.glob(os.path.join(workdir, ".restored.qcow2.*"))
+
+    before = os.stat(output)
+    point = "disk disk0 as of backup %s/0000-full" % os.path.basename(os.path.dirname(role.manifests()[0]))
+    for args, force in ((["--check"], True), (None, False)):
+        again, shown = playbook(role, "restore.yml", {"backup_restore_disk": "disk0", "backup_restore_output": output,
+                                                      "backup_restore_force": force}, args=args)
+        assert not again["changed"], (args, again)
+        assert again["msg"] == "%s already holds %s: nothing to write" % (output, point)
+        assert shown.endswith("was already in %s: nothing written" % output), shown
+        after = os.stat(output)
+        assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
     assert not glob.glob(os.path.join(workdir, ".restored.qcow2.*"))

@@ -31,12 +31,15 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
     DirLock,
     Journal,
     Tool,
+    allocated_size,
     check_image,
+    check_output,
     direct_io_works,
     duration_text,
     guest_ranges,
     human,
     iso,
+    output_difference,
     progress_text,
     stop_process,
     utc_now,
@@ -740,3 +743,118 @@ def test_check_image_of_a_missing_image(tmp_path):
 
 def test_check_image_without_a_record(tmp_path):
     assert check_image(Tool(Reporter()), "qemu-img", str(tmp_path / "missing.qcow2"), None, "disk0", None) == []
+
+
+def test_tool_call_gives_the_exit_code_as_an_answer():
+    script = "import sys; sys.stdout.write('Content mismatch at offset 0!\\n'); sys.stderr.write('note'); sys.exit(1)"
+    assert Tool(Reporter()).call(PYTHON + [script], "comparing") == (1, "Content mismatch at offset 0!\n", "note")
+
+
+def test_allocated_size_counts_what_the_file_takes(tmp_path):
+    path = tmp_path / "sparse"
+    with open(path, "wb") as handle:
+        handle.truncate(64 * MIB)
+        handle.seek(MIB)
+        handle.write(b"x" * (256 * KIB))
+        os.fsync(handle.fileno())
+    assert allocated_size(str(path)) == os.stat(path).st_blocks * 512
+    assert 256 * KIB <= allocated_size(str(path)) < 64 * MIB
+
+
+# -- what a restore finds at its output ------------------------------------------------------------------
+
+
+def test_check_output_of_nothing_and_of_a_file(tmp_path):
+    output = tmp_path / "out.qcow2"
+    check_output(str(output), False)
+    output.write_bytes(b"an old image\n")
+    check_output(str(output), True)
+    with pytest.raises(BackupChainError, match="^%s exists; set force to overwrite it$" % output):
+        check_output(str(output), False)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_check_output_refuses_what_is_not_a_regular_file_even_with_force(tmp_path, force):
+    (tmp_path / "folder").mkdir()
+    os.symlink(str(tmp_path / "elsewhere"), str(tmp_path / "link"))
+    with pytest.raises(BackupChainError, match="is a directory: a restore replaces only a regular file"):
+        check_output(str(tmp_path / "folder"), force)
+    with pytest.raises(BackupChainError, match="is a symlink \\(to %s\\)" % (tmp_path / "elsewhere")):
+        check_output(str(tmp_path / "link"), force)
+
+
+def _qemu_img(*args):
+    subprocess.run(["qemu-img"] + list(args), check=True, stdout=subprocess.DEVNULL, timeout=30)
+
+
+def _difference(image, output, size=4 * MIB):
+    progress = []
+    why = output_difference(Tool(Reporter()), "qemu-img", output, image, size, progress.append)
+    return why, progress
+
+
+def test_an_image_with_the_same_guest_data_holds_the_point(image, tmp_path):
+    path, dummy = image
+    output = str(tmp_path / "out.qcow2")
+    _qemu_img("convert", "-O", "qcow2", path, output)
+    why, progress = _difference(path, output)
+    assert why is None and progress and progress[-1] == 100.0
+    # Zeros written where the point has none are the same to the guest; so is another cluster size.
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -z 2M 64k", "-c", "write -P 0 3M 64k", output],
+                   check=True, stdout=subprocess.DEVNULL, timeout=30)
+    assert _difference(path, output)[0] is None
+    _qemu_img("convert", "-O", "qcow2", "-o", "cluster_size=4096", path, output)
+    assert _difference(path, output)[0] is None
+
+
+def test_an_image_with_other_data_is_named_where_it_differs(image, tmp_path):
+    path, dummy = image
+    output = str(tmp_path / "out.qcow2")
+    _qemu_img("convert", "-O", "qcow2", path, output)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0xcd 3M 4k", output], check=True,
+                   stdout=subprocess.DEVNULL, timeout=30)
+    assert _difference(path, output)[0] == "its data differs from the backup's at guest offset 3.0 MiB (byte 3145728)"
+
+
+def test_an_image_of_another_size_format_or_layout_does_not_hold_the_point(image, tmp_path):
+    path, dummy = image
+    output = str(tmp_path / "out.img")
+    _qemu_img("convert", "-O", "raw", path, output)
+    assert _difference(path, output)[0] == "it is a raw image, a restore writes qcow2"
+    _qemu_img("convert", "-O", "qcow2", path, output)
+    _qemu_img("resize", "-q", "-f", "qcow2", output, "8M")
+    assert _difference(path, output)[0] == ("its virtual size is 8.0 MiB (8388608 bytes), the disk's is 4.0 MiB "
+                                            "(4194304 bytes)")
+    os.unlink(output)
+    _qemu_img("create", "-q", "-f", "qcow2", "-b", path, "-F", "qcow2", output)
+    assert _difference(path, output)[0] == "it is backed by %s, a restore writes a standalone image" % path
+    os.unlink(output)
+    _qemu_img("create", "-q", "-f", "qcow2", "-o", "data_file=%s.data" % output, output, "4M")
+    assert _difference(path, output)[0].startswith("its data is in another file (%s.data)" % output)
+
+
+def test_what_qemu_img_cannot_open_does_not_hold_the_point(image, tmp_path):
+    path, dummy = image
+    output = tmp_path / "out.qcow2"
+    with open(path, "rb") as handle:
+        output.write_bytes(handle.read(512))  # a qcow2 header whose tables are cut off
+    why = _difference(path, str(output))[0]
+    assert why.startswith("qemu-img ") and "(" in why, why
+    assert _difference(path, str(tmp_path / "missing.qcow2"))[0].startswith("qemu-img cannot open it (")
+
+
+def test_a_damaged_image_does_not_hold_the_point(image, tmp_path):
+    path, dummy = image
+    output = str(tmp_path / "out.qcow2")
+    _qemu_img("convert", "-O", "qcow2", path, output)
+    host = _host_offset(output, MIB)
+    # The refcount of the data cluster, set to 0: qemu-img check finds an error, reads still give the data.
+    refcount_table = int.from_bytes(open(output, "rb").read()[48:56], "big")
+    with open(output, "rb") as handle:
+        handle.seek(refcount_table)
+        block = int.from_bytes(handle.read(8), "big")
+    with open(output, "r+b") as handle:
+        handle.seek(block + 2 * (host // 65536))
+        handle.write(b"\0\0")
+    why = _difference(path, output)[0]
+    assert why.startswith("qemu-img check finds it damaged ("), why

@@ -52,6 +52,7 @@ def valid_manifest():
                 "virtual_size": 1 << 30,
                 "image_size": 196616,
                 "bytes_copied": 65536,
+                "bytes_written": 458752,
                 "duration": 1.25,
                 "checked": True,
                 "digest": {"algorithm": "sha256", "chunk_size": 65536, "size": 196616,
@@ -145,7 +146,8 @@ def test_valid_variants_have_no_errors_in_both(path, value):
     assert VALIDATOR.is_valid(doc)
 
 
-@pytest.mark.parametrize("path", [("host",), ("disks", 0, "device"), ("disks", 0, "duration")],
+@pytest.mark.parametrize("path", [("host",), ("disks", 0, "device"), ("disks", 0, "duration"),
+                                  ("disks", 0, "bytes_written")],
                          ids=json_path)
 def test_optional_keys_may_be_left_out(path):
     doc = mutated(path)
@@ -201,6 +203,8 @@ MUTATIONS = [
     (("disks", 0, "virtual_size"), -1, "$.disks[0].virtual_size"),
     (("disks", 0, "image_size"), -1, "$.disks[0].image_size"),
     (("disks", 0, "bytes_copied"), -1, "$.disks[0].bytes_copied"),
+    (("disks", 0, "bytes_written"), -1, "$.disks[0].bytes_written"),
+    (("disks", 0, "bytes_written"), 1.5, "$.disks[0].bytes_written"),
     (("disks", 0, "duration"), -1, "$.disks[0].duration"),
     (("disks", 0, "digest", "chunk_size"), 0, "$.disks[0].digest.chunk_size"),
     (("disks", 0, "digest", "size"), -1, "$.disks[0].digest.size"),
