@@ -75,7 +75,7 @@ bench: bootstrap
 	python bench/migration_engine.py 3
 
 demo: bootstrap
-	ansible-playbook -i localhost, playbooks/demo.yml -e demo_upgrade_qemu_binary=$(QEMU_10)
+	ANSIBLE_CONFIG=playbooks/demo/ansible.cfg ansible-playbook -i localhost, playbooks/demo/demo.yml -e demo_upgrade_qemu_binary=$(QEMU_10)
 
 clean:
 	rm -rf build tests/output

@@ -497,12 +497,16 @@ class Outgoing:
         ram = info.get("ram") or {}
         total, remaining = ram.get("total") or 0, ram.get("remaining") or 0
         percent = 100.0 * (total - remaining) / total if total else 0
+        passes = ram.get("dirty-sync-count", 0)
         line = "%s: %.0f%% of RAM sent (%s transferred, %s left, pass %s) at %s/s" % (
             info["status"], percent, human_bytes(ram.get("transferred")), human_bytes(remaining),
-            ram.get("dirty-sync-count", 0), human_bytes((ram.get("mbps") or 0) * 1e6 / 8))
-        if info.get("expected-downtime") is not None:
-            line += ", expected downtime %d ms" % info["expected-downtime"]
-        return line + " (limit %d ms)" % self.downtime_limit
+            passes, human_bytes((ram.get("mbps") or 0) * 1e6 / 8))
+        # QEMU estimates the downtime once it has measured how fast the guest dirties its RAM, after the first
+        # pass; before, and in states without the field, it has no estimate (during the first pass it reports
+        # the limit itself). Without one the line names the limit alone.
+        if info.get("expected-downtime") is not None and passes > 1:
+            return line + ", expected downtime %d ms (limit %d ms)" % (info["expected-downtime"], self.downtime_limit)
+        return line + ", downtime limit %d ms" % self.downtime_limit
 
     def _converge(self, info):
         """Apply the convergence policy once the migration has made `converge_after_passes` passes."""
