@@ -12,7 +12,9 @@ base=$(mktemp -d "${TMPDIR:-/tmp}/qemu.qmp-ansible-test.XXXXXX")
 trap 'rm -rf "$base"' EXIT
 dest="$base/ansible_collections/qemu/qmp"
 mkdir -p "$dest"
-(cd "$top" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | tar -xf - -C "$dest"
+# The work tree as it is: files deleted but not yet committed are left out.
+(cd "$top" && git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do
+    [ -e "$f" ] && printf '%s\0' "$f"; done | tar --null -T - -cf -) | tar -xf - -C "$dest"
 
 # ansible-test bootstraps pip with a script it downloads (named after the pip
 # version it wants); provide every name it may ask for.

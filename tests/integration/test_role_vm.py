@@ -121,6 +121,8 @@ def test_start_find_again_and_stop(role_vm):
     assert again["vm_result"]["pid"] == pid and again["vm_result"]["definition_changed"] is False
     assert vm.apply(check=True)["changed"] is False
 
+    # A guest that has booted handles the power button (one still booting cannot: QEMU then quits).
+    vm.wait_serial("guest: tick 1 ")
     stop = vm.apply(vm_state="absent")
     assert stop["rc"] == 0 and stop["changed"] is True
     assert not alive(pid)
