@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything `make test` and `make demo` need, installing only what is
 # missing: Debian's QEMU 7.2 and tools (apt), QEMU 10.0 unpacked beside it,
-# the tiny test guest, a virtualenv with the pinned Python requirements, and
+# the tiny test guest, virtualenvs with the pinned Python requirements, and
 # the collection linked where Ansible finds it (build/collections).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
@@ -54,6 +54,8 @@ newest_python() {
 
 make_venv .venv python3 requirements-dev.txt
 make_venv .venv-latest "$(newest_python)" requirements-latest.txt
+# galaxy-importer and antsibull-docs (make build) pin dependencies that clash with requirements-dev.txt.
+make_venv .venv-importer python3 requirements-importer.txt
 
 mkdir -p build/collections/ansible_collections/qemu
 ln -sfn "$top" build/collections/ansible_collections/qemu/qmp
