@@ -110,27 +110,27 @@ EXAMPLES = r"""
 - name: Start a VM unless it runs (the qemu.qmp.vm role does this with its variables)
   qemu.qmp.qmp_vm_process:
     name: vm1
-    run_dir: /run/qemu-qmp
-    socket: /run/qemu-qmp/vm1.qmp
+    run_dir: /run/qemu
+    socket: /run/qemu/vm1.qmp
     definition:
       qemu_binary: qemu-system-x86_64
       memory: 512
-      serial: {type: file, path: /run/qemu-qmp/vm1.serial.log}
+      serial: {type: file, path: /run/qemu/vm1.serial.log}
   register: vm1
 
 - name: Show its process
   ansible.builtin.debug:
     msg: "VM vm1 runs as pid {{ vm1.pid }} ({{ vm1.status }})"
 
-- name: Stop it, giving the guest 30 seconds to power down
+- name: Stop it, giving the guest 5 seconds to power down before QEMU quits
   qemu.qmp.qmp_vm_process:
     name: vm1
-    run_dir: /run/qemu-qmp
-    socket: /run/qemu-qmp/vm1.qmp
+    run_dir: /run/qemu
+    socket: /run/qemu/vm1.qmp
     definition:
-      serial: {type: file, path: /run/qemu-qmp/vm1.serial.log}
+      serial: {type: file, path: /run/qemu/vm1.serial.log}
     state: absent
-    shutdown_timeout: 30
+    shutdown_timeout: 5
 """
 
 RETURN = r"""

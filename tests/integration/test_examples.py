@@ -17,7 +17,7 @@ import os
 
 import yaml
 
-from harness import ROOT, FakeGuestAgent, disk_args, make_image
+from harness import ROOT, FakeGuestAgent, disk_args, make_image, qemu_binary
 
 EXAMPLE_SOCKET = "/run/qemu/vm1.qmp"
 EXAMPLE_DIRS = ("/run/qemu", "/var/lib/backup", "/var/lib/qemu")
@@ -25,7 +25,7 @@ EXAMPLE_DIRS = ("/run/qemu", "/var/lib/backup", "/var/lib/qemu")
 ORDER = ["qmp_info", "qmp_command", "qmp_blockdev", "qmp_bitmap", "qmp_job", "qmp_backup", "qmp_backup_chain", "qmp_nbd",
          "qmp_chardev", "qmp_device", "qmp_object", "qmp_vm"]
 # Modules whose examples need a VM of their own (they end it, or need two).
-OWN_TEST = ["qmp_migrate", "qmp_migration"]
+OWN_TEST = ["qmp_migrate", "qmp_migration", "qmp_vm_process"]
 SETUP = {
     "qmp_backup": [
         {"name": "setup: a full and an incremental target for the examples, as big as disk0",
@@ -103,6 +103,29 @@ def test_migration_examples_run_as_written(vm_factory, workdir, ansible):
     assert not failed, json.dumps(failed, indent=1)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert source.status() == "postmigrate" and dest.status() == "running"
+
+
+def _alive(pid):
+    """Whether process `pid` runs (a zombie, which its parent did not reap yet, does not)."""
+    try:
+        with open("/proc/%d/stat" % pid, encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_vm_process_examples_run_as_written(workdir, ansible):
+    """The examples start a VM in /run/qemu (a folder of the test) and stop it again."""
+    run = os.path.join(workdir, "run-qemu")
+    play = example_play("qmp_vm_process", {"/run/qemu": run, "qemu-system-x86_64": qemu_binary()})
+    records, proc = ansible.playbook(json.dumps([play]))
+    failed = [r for r in records if r["status"] == "failed"]
+    assert not failed, json.dumps(failed, indent=1)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    started, stopped = [r["result"] for r in records if r["task"] != "Show its process"]
+    assert started["changed"] and started["pid"] > 0 and started["status"] in ("running", "prelaunch")
+    assert stopped["changed"] and stopped["state"] == "absent" and not _alive(started["pid"])
+    assert os.listdir(run) == ["vm1.serial.log"]
 
 
 def test_examples_run_as_written(vm_factory, workdir, ansible):

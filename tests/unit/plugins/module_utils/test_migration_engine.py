@@ -175,3 +175,20 @@ def test_listening_ports_of_a_process_are_read_from_proc():
         assert ("127.0.0.1", four.getsockname()[1]) in found and ("::1", six.getsockname()[1]) in found
         assert ("127.0.0.1", idle.getsockname()[1]) not in found
     assert listening_tcp_ports(2 ** 22 + 1) == set()  # no such process
+
+
+@pytest.mark.parametrize("passes, expected, ending", [
+    (1, None, ", downtime limit 300 ms"),
+    (1, 300, ", downtime limit 300 ms"),  # during the first pass QEMU reports the limit as its estimate
+    (2, None, ", downtime limit 300 ms"),
+    (2, 2506, ", expected downtime 2506 ms (limit 300 ms)"),
+])
+def test_the_progress_line_shows_an_expected_downtime_only_once_qemu_estimates_one(passes, expected, ending):
+    run = Outgoing(Recorder(), settings(), reporter=None)
+    migration = {"status": "active", "ram": {"total": 4 << 20, "remaining": 1 << 20, "transferred": 3 << 20,
+                                             "dirty-sync-count": passes, "mbps": 8.0}}
+    if expected is not None:
+        migration["expected-downtime"] = expected
+    line = run._line(migration)
+    assert line.startswith("active: 75%% of RAM sent (3.0 MiB transferred, 1.0 MiB left, pass %d) at " % passes), line
+    assert line.endswith(ending) and "?" not in line and " MB" not in line, line
