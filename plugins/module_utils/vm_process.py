@@ -443,8 +443,19 @@ class VMProcess:
             if self.supervisor == "systemd":
                 journal = self._run(["journalctl", "--unit", self.unit, "--lines", "20", "--no-pager",
                                      "--output", "cat"]).stdout.strip()
+            if not self.alive:
+                self._wait_until_sockets_refuse(5)
             self.stop(0)
             raise VMProcessError(("VM %s did not start: %s %s" % (self.name, exc, journal)).strip())
+
+    def _wait_until_sockets_refuse(self, timeout):
+        """A QEMU that failed to start may still be exiting, its QMP sockets accepting for a moment: wait
+        until they refuse (nothing else can be there: the start was refused on a socket in use), so that
+        stop() removes them."""
+        deadline = time.monotonic() + timeout
+        for path in (self.qmp_socket, self.extra_qmp_socket):
+            while path and time.monotonic() < deadline and probe(path, self.commands, 1)["state"] != "none":
+                time.sleep(0.1)
 
     def _launch(self, command_line):
         if self.supervisor == "daemon":
