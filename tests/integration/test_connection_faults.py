@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -123,8 +124,11 @@ def test_unusable_timeouts_fail_naming_the_option(vm, ansible, option, value, sh
 def test_a_nul_in_the_address_fails_naming_the_option(ansible, args):
     result = ansible.run("qmp_info", dict(args, gather=["status"]))
     option = "socket" if "socket" in args else "host"
-    assert result["_status"] == "failed" and result["msg"].startswith(
-        "%s must not contain a NUL character" % option), result
+    assert result["_status"] == "failed" and "Traceback" not in json.dumps(result), result
+    # Newer ansible-core refuses the value itself, before the module's code runs (it logs the arguments to
+    # syslog first); otherwise the module names the option.
+    assert result["msg"].startswith("%s must not contain a NUL character" % option) or (
+        "embedded null character" in result["msg"]), result
 
 
 def test_no_connection_given(ansible):
