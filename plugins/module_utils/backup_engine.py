@@ -607,7 +607,7 @@ class Engine:
         image = backup.images()[self.s.disk]
         held = self.output_holds(backup, self.s.disk, image, self.s.output)
         return {"changed": not held, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
-                "finished": backup.manifest.get("finished"), "disk": self.s.disk, "image": image,
+                "backup_finished": backup.manifest.get("finished"), "disk": self.s.disk, "image": image,
                 "output": self.s.output, "verified": [], "would_verify": [b.label for b in lineage],
                 "msg": self.restore_message(backup, held, would=True)}
 
@@ -655,7 +655,7 @@ class Engine:
                 self.write_restored(node, backup, image, output)
             return {
                 "changed": not held, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
-                "finished": backup.manifest.get("finished"), "disk": node, "image": image, "output": output,
+                "backup_finished": backup.manifest.get("finished"), "disk": node, "image": image, "output": output,
                 "verified": [b.label for b in lineage], "msg": self.restore_message(backup, held),
                 "warnings": self.warnings, "duration": round(time.monotonic() - begin, 3),
             }

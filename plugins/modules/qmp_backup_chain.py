@@ -393,8 +393,10 @@ image:
   description: The backup image restored (with the images it is based on).
   returned: for a restore
   type: str
-finished:
-  description: When the restored backup finished.
+backup_finished:
+  description:
+    - When the restored backup finished (ISO 8601, UTC). Not named C(finished), which Ansible reserves for
+      asynchronous tasks.
   returned: for a restore
   type: str
 would_verify:
