@@ -374,6 +374,22 @@ class QMPClient:
                 return message
             self.events.append(message)
 
+    def wait_closed(self, timeout):
+        """Read (and keep) events until the peer closes the connection, as QEMU does when it exits;
+        False if it is still there after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                message = self._read_message(deadline) if self._sock is not None else None
+                if message is None:
+                    return True
+                if "event" in message:
+                    self.events.append(message)
+        except QMPConnectionClosed:
+            return True
+        except QMPTimeoutError:
+            return False
+
     def take_event(self, predicate):
         """Remove and return the first buffered event for which predicate is true."""
         for index, event in enumerate(self.events):

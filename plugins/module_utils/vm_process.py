@@ -526,9 +526,7 @@ class VMProcess:
                     except QMPTimeoutError:
                         pass  # the guest ignored the power button: quit below
                 self.commands.execute(client, "quit")
-                deadline = time.monotonic() + self.exit_timeout
-                while time.monotonic() < deadline:
-                    client.wait_for_event((), timeout=deadline - time.monotonic())
+                client.wait_closed(self.exit_timeout)
         except (QMPConnectionClosed, QMPTimeoutError):
             pass  # QEMU closed the connection: it exited
         except QMPError:

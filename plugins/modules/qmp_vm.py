@@ -132,13 +132,7 @@ def ensure_paused(qm, status):
 
 def wait_until_gone(qm, deadline):
     """Read events until QEMU closes the connection; False if it is still there at the deadline."""
-    try:
-        while True:
-            qm.client.wait_for_event((), timeout=max(0.0, deadline - time.monotonic()))
-    except QMPConnectionClosed:
-        return True
-    except QMPTimeoutError:
-        return False
+    return qm.client.wait_closed(max(0.0, deadline - time.monotonic()))
 
 
 def ensure_shutdown(qm, status):
