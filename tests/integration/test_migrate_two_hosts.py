@@ -145,33 +145,51 @@ class Watch(threading.Thread):
         self.since = since
         self.seen = {}
         self.running = True
+        self.error = None
 
     def run(self):
         state = dict((where, (None, 0, "")) for where in self.paths)  # inode, offset, partial text
-        while self.running:
-            for where, path in self.paths.items():
-                inode, offset, text = state[where]
-                try:
-                    with open(path, "rb") as handle:
-                        now = os.fstat(handle.fileno()).st_ino
-                        if now != inode:
-                            inode, offset, text = now, 0, ""  # a new log took the name
-                        handle.seek(offset)
-                        chunk = handle.read()
-                except FileNotFoundError:
-                    continue
-                offset += len(chunk)
-                text += chunk.decode("utf-8", "replace")
-                for match in TICK.finditer(text):
-                    if int(match.group(1)) >= self.since:
-                        self.seen.setdefault(int(match.group(1)), (where, time.monotonic(), float(match.group(2))))
-                state[where] = (inode, offset, text[text.rfind("\n") + 1:])
-            time.sleep(0.005)
+        try:
+            while True:
+                stopping = not self.running
+                for where, path in self.paths.items():
+                    state[where] = self.read(where, path, *state[where])
+                if stopping:  # one last pass after stop(), so nothing written before it is missed
+                    return
+                time.sleep(0.005)
+        except BaseException as error:  # pylint: disable=broad-exception-caught
+            self.error = error
+
+    def read(self, where, path, inode, offset, text):
+        try:
+            with open(path, "rb") as handle:
+                now = os.fstat(handle.fileno()).st_ino
+                if now != inode:
+                    inode, offset, text = now, 0, ""  # a new log took the name
+                handle.seek(offset)
+                chunk = handle.read()
+        except FileNotFoundError:
+            return inode, offset, text
+        text += chunk.decode("utf-8", "replace")
+        for match in TICK.finditer(text):
+            if int(match.group(1)) >= self.since:
+                self.seen.setdefault(int(match.group(1)), (where, time.monotonic(), float(match.group(2))))
+        return inode, offset + len(chunk), text[text.rfind("\n") + 1:]
+
+    def wait(self, where, count, timeout=90):
+        """Until `count` ticks were seen on `where`'s console."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for seen in list(self.seen.values()) if seen[0] == where) < count:
+            assert self.error is None and self.is_alive(), "the console watch stopped: %r" % self.error
+            assert time.monotonic() < deadline, "%d ticks not seen on the %s's console: %s" % (count, where, self.seen)
+            time.sleep(0.1)
 
     def pause(self):
         """The guest's pause at the switch-over, seen from outside: host time less the guest's own time."""
+        self.wait("destination", 2)
         self.running = False
         self.join()
+        assert self.error is None, "the console watch failed: %r" % self.error
         ticks = sorted(self.seen)
         assert ticks == list(range(ticks[0], ticks[-1] + 1)), "ticks lost or repeated: %s" % ticks
         first = min(t for t in ticks if self.seen[t][0] == "destination")
