@@ -143,6 +143,12 @@ class Backup:
         return None
 
 
+def holds_whole_disk(backup):
+    """A full backup, or a point a prune folded its full backup into: its images have no backing file."""
+    return backup.manifest.get("based_on") is None and (
+        backup.level == "full" or any(f.get("level") == "full" for f in backup.manifest.get("folded", [])))
+
+
 class Chain:
     def __init__(self, root, chain_id):
         self.id = chain_id
@@ -352,7 +358,7 @@ class Catalog:
                     current.label, base.label, base.problem or "its manifest %s is missing (lost or deleted)"
                     % base.manifest_path), damaged=base.manifest_path)
             found.append(base)
-        if found[-1].level != "full":
+        if not holds_whole_disk(found[-1]):
             raise BackupChainError("backup %s does not lead to a full backup" % backup.label)
         return found
 
@@ -371,11 +377,14 @@ def chain_problem(chain, disks, bitmaps, prefix):
             return backup.problem
         if not backup.committed:
             return "backup %s has no manifest (lost or deleted), so its data cannot be checked" % backup.label
-    sequences = [b.sequence for b in backups]
-    if sequences != list(range(len(backups))):
-        return "its backups are numbered %s, not 0 to %d" % (", ".join(map(str, sequences)), len(backups) - 1)
-    if backups[0].level != "full":
+    if backups[0].manifest.get("based_on") is not None or not holds_whole_disk(backups[0]):
         return "its first backup is not a full one"
+    # Pruned points leave gaps in the numbers; what must hold is that every base is there.
+    sequences = set(b.sequence for b in backups)
+    for backup in backups:
+        base = backup.manifest.get("based_on")
+        if base is not None and base not in sequences:
+            return "backup %s is based on backup %d, which is gone" % (backup.label, base)
     last = backups[-1].manifest
     if last.get("format") != 2:
         return "it was written by an older version of the collection, without checksums"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import shutil
 import socket
@@ -66,6 +67,14 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
     utc_now,
 )
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_manifest import MANIFEST_FORMAT, manifest_errors
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_prune import (
+    PRUNE_JOURNAL,
+    Pruner,
+    data_bytes,
+    plan_prune,
+    prune_summary,
+)
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_retention import policy_is_empty
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import Abandoned, unlink_quietly, write_json
 from ansible_collections.qemu.qmp.plugins.module_utils.nbd_client import (
     STATE_DIRTY,
@@ -262,8 +271,11 @@ class Engine:
                 self.close()
 
     def _backup(self, started, begin):
-        catalog = Catalog(self.root)
         self.reporter.phase("cleaning up after interrupted runs")
+        finished = Pruner(self, {}).finish_interrupted()
+        if finished:
+            self.cleaned.append(finished)
+        catalog = Catalog(self.root)
         self.recover(catalog)
         self.catalog_warnings(catalog)
         disks = self.read_disks()
@@ -284,6 +296,7 @@ class Engine:
                 raise self.failed(plan, exc, failure)
             raise
         removed = self.after_commit(plan)
+        pruned = self.prune_after_commit()
         # The checksums stay in the manifest: a big disk has thousands.
         disks = [dict((k, v) for k, v in d.items() if k != "digest") for d in manifest["disks"]]
         return {
@@ -296,7 +309,7 @@ class Engine:
                 "%s %s written (%s %s)" % (d["node"], human(d["bytes_written"]), human(d["bytes_copied"]),
                                            "read over NBD" if self.s.mode == "pull"
                                            else "copied by the job, zeros included") for d in disks)),
-            "cleaned": self.cleaned, "removed_chains": removed, "warnings": self.warnings,
+            "cleaned": self.cleaned, "removed_chains": removed, "pruned": pruned, "warnings": self.warnings,
             "timings": self.timings, "qmp_commands": self.commands(),
         }
 
@@ -403,6 +416,9 @@ class Engine:
             "qemu": dict((k, self.qm.client.version[k]) for k in ("major", "minor", "micro", "package")),
             "disks": [],
         }
+        definition = self.vm_definition()
+        if definition is not None:
+            manifest["definition"] = definition
         for disk in plan["disks"]:
             result = copied.get(disk["node"], {})
             manifest["disks"].append({
@@ -428,6 +444,33 @@ class Engine:
             self.warnings.append("the backup is committed, but its marker %s could not be removed (%s); the next "
                                  "run removes it" % (os.path.join(plan["dir"], UNFINISHED), exc.strerror or exc))
         return manifest
+
+    def vm_definition(self):
+        """The VM's definition, as the vm role saved it when it started the VM, or None."""
+        path = getattr(self.s, "definition_file", None)
+        if not path:
+            return None
+        try:
+            with open(path, encoding="utf-8") as handle:
+                definition = json.load(handle).get("definition")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as exc:
+            self.warnings.append("the VM's definition %s cannot be read (%s): the backup does not carry it" % (path, exc))
+            return None
+        return definition if isinstance(definition, dict) else None
+
+    def prune_after_commit(self):
+        """Apply the retention policy once the backup is committed. A failure leaves the backup as it is, and
+        is a warning: the next backup or prune finishes or retries it."""
+        policy = getattr(self.s, "retention", None) or {}
+        if policy_is_empty(policy):
+            return None
+        try:
+            return Pruner(self, policy).run()
+        except (BackupChainError, OSError) as exc:
+            self.warnings.append("the backup is committed, but pruning failed: %s" % exc)
+            return None
 
     def checksums(self, plan):
         digests = {}
@@ -594,6 +637,8 @@ class Engine:
 
     def restore_plan(self):
         """What a restore would do (check mode): the point, and whether its images are all there."""
+        if not self.s.disk:
+            return self.restore_vm(check=True)
         backup, lineage = self.restore_point()
         problems = []
         for base in lineage:
@@ -605,6 +650,7 @@ class Engine:
             raise BackupChainError("backup %s of disk %s cannot be restored: %s" % (
                 backup.label, self.s.disk, "; ".join(problems)), problems=problems)
         image = backup.images()[self.s.disk]
+        self.refuse_open_outputs({self.s.disk: self.s.output})
         held = self.output_holds(backup, self.s.disk, image, self.s.output)
         return {"changed": not held, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
                 "backup_finished": backup.manifest.get("finished"), "disk": self.s.disk, "image": image,
@@ -637,28 +683,138 @@ class Engine:
             return "would restore %s into %s" % (point, self.s.output)
         return "restored %s into %s, checked" % (point, self.s.output)
 
+    def refuse_unfinished_prune(self):
+        path = os.path.join(self.root, PRUNE_JOURNAL)
+        if os.path.exists(path):
+            raise BackupChainError("a prune of %s was interrupted (%s): its images are being folded; run the prune "
+                                   "again (or a backup) to finish it, then retry" % (self.root, path), journal=path)
+
     def restore(self):
+        if not self.s.disk:
+            return self.restore_vm()
         begin = time.monotonic()
         with DirLock(self.root, False, self.s.lock_timeout, self.reporter, "a restore"):
+            self.refuse_unfinished_prune()
             backup, lineage = self.restore_point()
-            node = self.s.disk
-            found = self.verify_backups(lineage, nodes=[node], check=False)
-            if found:
-                self.record_damage(found)
-                problems = [p for dummy, p in found]
-                raise BackupChainError("backup %s of disk %s cannot be restored: %s" % (
-                    backup.label, node, "; ".join(problems)), problems=problems)
-            output = self.s.output
+            node, output = self.s.disk, self.s.output
+            self.refuse_open_outputs({node: output})
+            self.refuse_damaged(backup, lineage, [node])
             image = backup.images()[node]
-            held = self.output_holds(backup, node, image, output)
-            if not held:
-                self.write_restored(node, backup, image, output)
+            held = self.restore_disk(backup, node, output)
             return {
                 "changed": not held, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
                 "backup_finished": backup.manifest.get("finished"), "disk": node, "image": image, "output": output,
                 "verified": [b.label for b in lineage], "msg": self.restore_message(backup, held),
                 "warnings": self.warnings, "duration": round(time.monotonic() - begin, 3),
             }
+
+    def refuse_damaged(self, backup, lineage, nodes):
+        found = self.verify_backups(lineage, nodes=nodes, check=False)
+        if found:
+            self.record_damage(found)
+            problems = [p for dummy, p in found]
+            raise BackupChainError("backup %s of disk %s cannot be restored: %s" % (
+                backup.label, ", ".join(nodes), "; ".join(problems)), problems=problems)
+
+    def restore_disk(self, backup, node, output):
+        """Restore one disk (its lineage checked already). Returns whether the output held it already."""
+        image = backup.images()[node]
+        held = self.output_holds(backup, node, image, output)
+        if not held:
+            self.write_restored(node, backup, image, output)
+        return held
+
+    # -- whole-VM restore ----------------------------------------------------
+
+    def vm_point(self):
+        catalog = Catalog(self.root)
+        backup = catalog.point(self.s.point)
+        return backup, catalog.lineage(backup)
+
+    def vm_outputs(self, backup):
+        """{node: output path} of every disk of the point: in the output folder, or in place (the paths the VM's
+        definition gives)."""
+        nodes = [d["node"] for d in backup.manifest["disks"]]
+        if not self.s.in_place:
+            if not self.s.output_dir:
+                raise BackupChainError("a restore of every disk needs output_dir (a folder for the images) or "
+                                       "in_place; name disk to restore one disk into output")
+            return dict((node, os.path.join(self.s.output_dir, node + ".qcow2")) for node in nodes)
+        definition = backup.manifest.get("definition")
+        if not definition:
+            raise BackupChainError("backup %s does not carry the VM's definition (it was not started by the "
+                                   "qemu.qmp.vm role, or the backup is older): restore it into output_dir"
+                                   % backup.label)
+        paths = dict((d.get("node_name"), d.get("path")) for d in definition.get("disks") or [])
+        missing = [n for n in nodes if not paths.get(n)]
+        if missing:
+            raise BackupChainError("the VM's definition in backup %s has no path for disk %s"
+                                   % (backup.label, ", ".join(missing)))
+        return dict((node, paths[node]) for node in nodes)
+
+    def refuse_open_outputs(self, outputs):
+        """An output a running QEMU holds open is never replaced: that QEMU would go on with the old file."""
+        for node, output in sorted(outputs.items()):
+            if existing_output(output) is None:
+                continue
+            rc, out, err = self.tool.call([self.s.qemu_img, "info", "--output=json", output], "reading %s" % output)
+            if rc != 0 and "lock" in (err + out):
+                raise BackupChainError("%s (disk %s) is open in a running QEMU: stop the VM that uses it before "
+                                       "restoring into it (%s)" % (output, node, (err or out).strip().splitlines()[0]),
+                                       output=output)
+
+    def restored_definition(self, backup, outputs):
+        """The VM's definition from the manifest, its disks at the restored images, ready for the vm role."""
+        definition = backup.manifest.get("definition")
+        if not definition:
+            return None
+        definition = json.loads(json.dumps(definition))
+        definition.pop("incoming", None)  # saved on a migration's destination: a restored VM boots
+        for disk in definition.get("disks") or []:
+            if disk.get("node_name") in outputs:
+                disk.update(path=outputs[disk["node_name"]], format="qcow2")
+        return definition
+
+    def restore_vm(self, check=False):
+        begin = time.monotonic()
+        with DirLock(self.root, False, self.s.lock_timeout, self.reporter, "a restore"):
+            self.refuse_unfinished_prune()
+            backup, lineage = self.vm_point()
+            outputs = self.vm_outputs(backup)
+            if self.s.in_place and not self.s.force:
+                raise BackupChainError("restoring VM %s in place replaces its disks (%s) with backup %s: set force to "
+                                       "confirm it" % (self.s.name, ", ".join(sorted(outputs.values())), backup.label))
+            self.refuse_open_outputs(outputs)
+            if check:
+                disks = [{"disk": node, "output": output, "changed": not self.output_holds(
+                    backup, node, backup.images()[node], output)} for node, output in outputs.items()]
+            else:
+                self.refuse_damaged(backup, lineage, list(outputs))
+                if self.s.output_dir:
+                    try:
+                        os.makedirs(self.s.output_dir, mode=0o750, exist_ok=True)
+                    except OSError as exc:
+                        raise os_error("cannot create the output folder %s" % self.s.output_dir, exc)
+                disks = [{"disk": node, "output": output, "changed": not self.restore_disk(backup, node, output)}
+                         for node, output in outputs.items()]
+            changed = [d["disk"] for d in disks if d["changed"]]
+            point = "VM %s as of backup %s" % (self.s.name, backup.label)
+            if not changed:
+                msg = "every disk of %s is restored already: nothing to write" % point
+            else:
+                msg = "%s %s (%s)%s" % ("would restore" if check else "restored", point, ", ".join(
+                    "%s into %s" % (d["disk"], d["output"]) for d in disks if d["changed"]),
+                    "" if check else ", checked")
+            result = {
+                "changed": bool(changed), "chain": backup.chain.id, "sequence": backup.sequence,
+                "level": backup.level, "backup_finished": backup.manifest.get("finished"), "restored": disks,
+                "definition": self.restored_definition(backup, outputs), "msg": msg, "warnings": self.warnings,
+            }
+            if check:
+                result.update(would_verify=[b.label for b in lineage], verified=[])
+            else:
+                result.update(verified=[b.label for b in lineage], duration=round(time.monotonic() - begin, 3))
+            return result
 
     def write_restored(self, node, backup, image, output):
         """Flatten `image` into a new file beside `output`, check it, then rename it over `output`: the output
@@ -698,6 +854,7 @@ class Engine:
     def verify(self):
         begin = time.monotonic()
         with DirLock(self.root, False, self.s.lock_timeout, self.reporter, "a verify"):
+            self.refuse_unfinished_prune()
             catalog = Catalog(self.root)
             self.catalog_warnings(catalog)
             spec = str(self.s.point or "all")
@@ -719,6 +876,7 @@ class Engine:
             self.record_damage(found, checked=set(b.chain.id for b in backups) if spec == "all" or (
                 spec != "latest" and "/" not in spec) else set())
             problems = [p for dummy, p in found]
+            self.record_verified(backups, set(b.label for b, dummy in found))
             self.warnings.extend("unfinished backup %s: the next backup removes it" % b.dir for b in catalog.unfinished())
             result = {
                 "changed": False, "verified": [b.label for b in backups], "problems": problems,
@@ -729,6 +887,92 @@ class Engine:
                 raise BackupChainError("%d problem%s found in the backups of %s: %s" % (
                     len(problems), "" if len(problems) == 1 else "s", self.root, "; ".join(problems)), **result)
             return result
+
+    def record_verified(self, backups, damaged):
+        """When each backup was last verified, and whether it was sound, for the catalog."""
+        path = os.path.join(self.root, VERIFIED_FILE)
+        records = read_verified(self.root)
+        now = iso(utc_now())
+        for backup in backups:
+            records[backup.label] = {"at": now, "sound": backup.label not in damaged}
+        try:
+            write_json(path, records, durable=True, mode=FILE_MODE, indent=1)
+        except OSError as exc:
+            self.warnings.append("could not record what was verified in %s: %s" % (path, exc.strerror or exc))
+
+    # -- prune and catalog ---------------------------------------------------
+
+    def policy(self):
+        return getattr(self.s, "retention", None) or {}
+
+    def prune(self):
+        begin = time.monotonic()
+        with DirLock(self.root, True, self.s.lock_timeout, self.reporter, "a prune"):
+            before = self.point_labels()
+            result = Pruner(self, self.policy()).run()
+            return self.prune_result(result, before, self.point_labels(), begin)
+
+    def prune_plan(self):
+        """What a prune would remove and fold (check mode): reads only."""
+        before = self.point_labels()
+        result = Pruner(self, self.policy()).run(check=True)
+        after = [label for label in before if result["kept"].get(label) is not None] if result["actions"] else before
+        return self.prune_result(result, before, after, None)
+
+    def point_labels(self):
+        return [b.label for c in Catalog(self.root).ordered() for b in c.backups if b.committed]
+
+    def prune_result(self, result, before, after, begin):
+        done = result["done"] if begin is not None else result["actions"]
+        outcome = {
+            "changed": bool(done), "policy": result["policy"], "kept": result["kept"],
+            "actions": done, "skipped_chains": result["skipped"], "points": after,
+            "msg": ("" if begin is not None or not done else "would ") + prune_summary(result),
+            "warnings": self.warnings,
+            "diff": {"before": "".join(p + "\n" for p in before), "after": "".join(p + "\n" for p in after),
+                     "before_header": self.root, "after_header": self.root},
+        }
+        if begin is not None:
+            outcome["duration"] = round(time.monotonic() - begin, 3)
+        return outcome
+
+    def catalog(self):
+        """Every chain and point, as data and as a table. Reads only: no lock (a point may change under a
+        prune that runs meanwhile, and the next listing shows it)."""
+        catalog = Catalog(self.root)
+        self.catalog_warnings(catalog)
+        if os.path.exists(os.path.join(self.root, PRUNE_JOURNAL)):
+            self.warnings.append("a prune was interrupted: the next prune or backup finishes it")
+        policy = self.policy()
+        kept = plan_prune(catalog, policy)["kept"] if not policy_is_empty(policy) else {}
+        verified = read_verified(self.root)
+        chains = []
+        for chain in catalog.ordered() + catalog.unordered():
+            points = []
+            for backup in chain.backups:
+                point = {"point": backup.label, "sequence": backup.sequence, "level": backup.level}
+                if not backup.committed:
+                    point["state"] = "unfinished" if backup.unfinished else (backup.problem or "no manifest")
+                    points.append(point)
+                    continue
+                manifest = backup.manifest
+                check = verified.get(backup.label) or {}
+                point.update(
+                    state="damaged" if chain.damage is not None else "committed",
+                    based_on=manifest.get("based_on"), finished=manifest.get("finished"),
+                    disks=[d["node"] for d in manifest["disks"]], data_bytes=data_bytes(backup),
+                    image_bytes=sum(int(d["image_size"]) for d in manifest["disks"]),
+                    verified=check.get("at") if check.get("sound") else None,
+                    kept_by=kept.get(backup.label) if kept else None,
+                    folded=[f["sequence"] for f in manifest.get("folded", [])],
+                    definition="definition" in manifest)
+                points.append(point)
+            chains.append({"chain": chain.id, "damaged": chain.damage is not None, "points": points})
+        table = catalog_table(chains, bool(kept))
+        return {"changed": False, "chains": chains, "table": table, "warnings": self.warnings,
+                "msg": "%d chain%s, %d point%s in %s" % (
+                    len(chains), "" if len(chains) == 1 else "s", sum(len(c["points"]) for c in chains),
+                    "" if sum(len(c["points"]) for c in chains) == 1 else "s", self.root)}
 
     def record_damage(self, found, checked=()):
         """Mark the chains where damage was found, so backups do not build on them; unmark the chains of
@@ -784,6 +1028,35 @@ class Engine:
                     except BackupChainError as exc:
                         problems.append((backup, str(exc)))
         return problems
+
+
+VERIFIED_FILE = ".verified.json"
+
+
+def read_verified(root):
+    try:
+        with open(os.path.join(root, VERIFIED_FILE), encoding="utf-8") as handle:
+            records = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    return records if isinstance(records, dict) else {}
+
+
+def catalog_table(chains, with_policy):
+    """The catalog for people: one line per point."""
+    header = ["point", "level", "finished", "disks", "data", "verified"] + (["kept by"] if with_policy else [])
+    rows = []
+    for chain in chains:
+        for point in chain["points"]:
+            if "finished" not in point:
+                rows.append([point["point"], point["level"], point["state"], "", "", ""] + ([""] if with_policy else []))
+                continue
+            level = point["level"] + ("+%d folded" % len(point["folded"]) if point["folded"] else "")
+            rows.append([point["point"], level, point["finished"], ",".join(point["disks"]), human(point["data_bytes"]),
+                         (point["verified"] or "no") + (" DAMAGED" if point["state"] == "damaged" else "")]
+                        + ([point["kept_by"] or "(removed by the next prune)"] if with_policy else []))
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header] + rows]
 
 
 class PushRun:

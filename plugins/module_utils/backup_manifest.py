@@ -72,6 +72,25 @@ MANIFEST_SCHEMA = {
                 "package": {"type": "string"},
             },
         },
+        "folded": {
+            "type": "array",
+            "description": "The points a prune folded into this one (their data is in its images), oldest first.",
+            "items": {
+                "type": "object",
+                "required": ["sequence", "level", "finished"],
+                "additionalProperties": False,
+                "properties": {
+                    "sequence": {"type": "integer", "minimum": 0},
+                    "level": {"enum": ["full", "incremental", "differential"]},
+                    "finished": {"type": "string", "format": "date-time"},
+                },
+            },
+        },
+        "definition": {
+            "type": "object",
+            "description": "The VM's definition as the qemu.qmp.vm role started it (its vm_ variables without the "
+                           "prefix), so a restore can start the VM from the backup alone.",
+        },
         "disks": {
             "type": "array",
             "minItems": 1,

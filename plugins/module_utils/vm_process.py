@@ -192,6 +192,10 @@ class VMProcess:
     def command_line(self):
         return vm_command_line(self.definition)
 
+    def saved_definition(self):
+        """The definition with where its files are: what a restore needs to start the VM again."""
+        return dict(self.definition, run_dir=self.run_dir, instance=self.instance, supervisor=self.params["supervisor"])
+
     # -- what runs -------------------------------------------------------------------
 
     def _found_pid(self):
@@ -348,7 +352,8 @@ class VMProcess:
         if saved.get("command_line") != command_line:
             self.changed = True
             if not self.check_mode:
-                _write_json(self.state_file, dict(saved, command_line=command_line))
+                _write_json(self.state_file, dict(saved, command_line=command_line,
+                                                      definition=self.saved_definition()))
         if self.moved is not None:
             self._remove(self.moved_marker)
             self.moved = None
@@ -472,7 +477,9 @@ class VMProcess:
             raise VMProcessError("QEMU exited at once (pid %s)" % (pid or "unknown"))
         self.pid, self.alive = pid, True
         # The start time tells this QEMU from a later process that reuses its pid.
-        self.saved = {"command_line": command_line, "pid": pid, "started": started}
+        # The definition too: a backup keeps it in its manifest, so a restore can start the VM again.
+        self.saved = {"command_line": command_line, "pid": pid, "started": started,
+                      "definition": self.saved_definition()}
         _write_json(self.state_file, self.saved)
 
     def _wait_until_it_answers(self):

@@ -50,11 +50,18 @@ options:
       - V(restore) writes one disk at O(point), flattened with the backups it is based on, into O(output), after
         checking the checksums of every image it reads. It needs no QEMU. When O(output) already holds that disk
         at that point, it writes nothing and reports no change (see O(output)).
+      - Without O(disk), V(restore) restores every disk of the point (a whole VM), into O(output_dir) or, with
+        O(in_place), over the VM's own disks. The result's RV(definition) is the VM's definition the manifest
+        carries, with its disks at the restored images, for the C(qemu.qmp.vm) role to start it.
       - V(verify) checks backups without restoring them (manifests, image sizes, checksums, and
         C(qemu-img check) with O(verify)), of every chain, one chain, or one point with what it is based on
-        (O(point)). It needs no QEMU and changes nothing.
+        (O(point)). It needs no QEMU and changes nothing, except the record of what was verified (for
+        V(catalog)) and the mark of a damaged chain.
+      - V(prune) applies O(retention) to the VM's backups, holding the same lock as a backup. It needs no QEMU.
+      - V(catalog) lists the chains and their points (level, time, disks, data, when last verified, and with
+        O(retention), the rule that keeps each). It changes nothing.
     type: str
-    choices: [backup, restore, verify]
+    choices: [backup, restore, verify, prune, catalog]
     default: backup
   dir:
     description: The VM's backup folder, holding its chains.
@@ -89,6 +96,50 @@ options:
     description: After a committed backup, delete the oldest chains beyond this many (the chain just written counts).
     type: int
     default: 2
+  retention:
+    description:
+      - Which backups to keep, with the semantics of Proxmox Backup Server's prune options. Each rule covers its
+        own period, and they apply in this order, O(retention.keep_last), O(retention.keep_hourly),
+        O(retention.keep_daily), O(retention.keep_weekly) (ISO weeks, from Monday), O(retention.keep_monthly),
+        O(retention.keep_yearly). In each period only the newest backup counts; periods without a backup do not
+        count; a rule does not count the periods an earlier rule already kept a backup in. Periods are in the
+        host's local time. Empty, or every rule 0, keeps everything.
+      - A backup the policy does not keep is removed. When a later backup is based on it (an incremental chain),
+        it is folded into that backup (C(qemu-img commit) into it, then its image takes the later one's place,
+        with new checksums), so the backups kept stay restorable and hold what they held, and a chain goes on
+        for ever without a new full backup. A full backup with several differentials on it stays, as their base.
+        The newest backup always stays, since the next one builds on it.
+      - With O(operation=backup), the policy applies after each committed backup (a failure to prune is a
+        warning); with O(operation=prune) on its own; with O(operation=catalog), it shows which rule keeps each
+        point.
+      - O(keep_chains) still deletes the oldest chains beyond its count.
+    type: dict
+    default: {}
+    suboptions:
+      keep_last:
+        description: Keep the newest this many backups.
+        type: int
+      keep_hourly:
+        description: Keep the newest backup of each of the newest this many hours that have one.
+        type: int
+      keep_daily:
+        description: Keep the newest backup of each of the newest this many days that have one.
+        type: int
+      keep_weekly:
+        description: Keep the newest backup of each of the newest this many ISO weeks that have one.
+        type: int
+      keep_monthly:
+        description: Keep the newest backup of each of the newest this many months that have one.
+        type: int
+      keep_yearly:
+        description: Keep the newest backup of each of the newest this many years that have one.
+        type: int
+  definition_file:
+    description:
+      - With O(operation=backup), the file where the C(qemu.qmp.vm) role saved the VM's definition when it started
+        it (C(VM_RUN_DIR/NAME.json)). The manifest carries that definition, so a whole-VM restore can start the
+        VM from the backup alone. Nothing is carried when the file does not exist.
+    type: path
   max_age:
     description:
       - Seconds. When the newest backup finished less than this long ago, take none and report no change
@@ -149,8 +200,23 @@ options:
         or C(CHAIN/SEQUENCE) (that point and the backups it is based on). Default V(all).
     type: str
   disk:
-    description: With O(operation=restore), the node name of the disk to restore.
+    description:
+      - With O(operation=restore), the node name of the disk to restore into O(output). Without it, every disk of
+        the point is restored (see O(output_dir) and O(in_place)).
     type: str
+  output_dir:
+    description:
+      - With O(operation=restore) and no O(disk), the folder to write each disk in, as C(NODE.qcow2) (created
+        with mode C(0750) when missing). An image there that already holds the disk at the point is left as it
+        is.
+    type: path
+  in_place:
+    description:
+      - With O(operation=restore) and no O(disk), write each disk over the path the VM's definition (carried by
+        the manifest) gives it. The VM must be stopped (an image a QEMU holds open is refused), and O(force) must
+        be set, as the confirmation that the VM's current disks are replaced.
+    type: bool
+    default: false
   output:
     description:
       - With O(operation=restore), the image to write, with mode C(0640) (the mode of the manifests). It appears
@@ -196,8 +262,8 @@ attributes:
         reports no change when the output already holds it. A verify runs as usual (it only reads).
     support: full
   diff_mode:
-    description: A backup has no before and after to show.
-    support: none
+    description: A prune (and its check mode) shows the points before and after. A backup or a restore has none.
+    support: partial
 notes:
   - O(wait_timeout) bounds how long the backup may take (default 86400 seconds); O(timeout) bounds the connection
     and each QMP answer.
@@ -224,6 +290,31 @@ EXAMPLES = r"""
   qemu.qmp.qmp_backup_chain:
     dir: /var/lib/backup/vm1
     operation: verify
+
+- name: Keep 7 daily, 4 weekly and 6 monthly backups of vm1, folding the others into the ones kept
+  qemu.qmp.qmp_backup_chain:
+    dir: /var/lib/backup/vm1
+    operation: prune
+    retention:
+      keep_daily: 7
+      keep_weekly: 4
+      keep_monthly: 6
+
+- name: List vm1's backups
+  qemu.qmp.qmp_backup_chain:
+    dir: /var/lib/backup/vm1
+    operation: catalog
+  register: catalog
+
+- name: Show them
+  ansible.builtin.debug:
+    var: catalog.table
+
+- name: Restore every disk of vm1 as of its newest backup into a folder
+  qemu.qmp.qmp_backup_chain:
+    dir: /var/lib/backup/vm1
+    operation: restore
+    output_dir: /var/lib/qemu/vm1-restored
 
 - name: Restore disk0 as of the newest backup
   qemu.qmp.qmp_backup_chain:
@@ -418,6 +509,74 @@ problems:
   returned: for a verify
   type: list
   elements: str
+pruned:
+  description: After a backup with O(retention), what the prune did (as RV(actions), RV(kept), ...); null without a policy.
+  returned: when a backup was taken
+  type: dict
+policy:
+  description: The retention policy applied, for people.
+  returned: for a prune
+  type: str
+  sample: keep_last=2 keep_daily=7
+actions:
+  description:
+    - What the prune did, in order (in check mode, what it would do), each for people, such as
+      C(fold 20261201T000000Z/0003-incremental into 0004-incremental) or C(remove ...) or C(delete chain ...).
+    - A prune that finds an interrupted one first finishes it, and says so here.
+  returned: for a prune
+  type: list
+  elements: str
+kept:
+  description: The points the policy keeps, each with the rule that keeps it (C(keep_daily) ..., C(newest) for the newest).
+  returned: for a prune
+  type: dict
+  sample: {"20261201T000000Z/0012-incremental": "newest", "20261201T000000Z/0011-incremental": "keep_last"}
+skipped_chains:
+  description: Chains the prune left alone, and why (damaged, a backup without a readable manifest, a VM running from it).
+  returned: for a prune
+  type: dict
+points:
+  description: The points there are after the prune (in check mode, would be).
+  returned: for a prune
+  type: list
+  elements: str
+chains:
+  description: For a catalog, every chain with its points.
+  returned: for a catalog
+  type: list
+  elements: dict
+  contains:
+    chain:
+      description: The chain's id.
+      type: str
+    damaged:
+      description: Whether a verify or a restore found damage in it.
+      type: bool
+    points:
+      description:
+        - Each point, C(point) (C(CHAIN/NNNN-LEVEL)), C(sequence), C(level), C(state) (C(committed), C(damaged),
+          C(unfinished) or why its manifest cannot be read), C(based_on), C(finished), C(disks) (node names),
+          C(data_bytes) (what its images take on disk), C(image_bytes), C(verified) (when a verify last found it
+          sound, or null), C(kept_by) (with O(retention), the rule that keeps it; null when the next prune removes
+          it), C(folded) (sequences folded into it) and C(definition) (whether it carries the VM's definition).
+      type: list
+      elements: dict
+table:
+  description: For a catalog, the same as lines of a table, for people.
+  returned: for a catalog
+  type: list
+  elements: str
+restored:
+  description: For a restore of every disk, each disk, its output, and whether it was written (C(changed)).
+  returned: for a restore without O(disk)
+  type: list
+  elements: dict
+definition:
+  description:
+    - For a restore of every disk, the VM's definition the manifest carries (the C(qemu.qmp.vm) role's variables
+      without the C(vm_) prefix), with each disk's path at its restored image; null when the backup has none.
+  returned: for a restore without O(disk)
+  type: dict
 qmp_commands:
   description: The QMP commands the run sent (a long run lists the first ones, then how many were left out).
   returned: for a backup
@@ -429,6 +588,7 @@ import os
 
 from ansible_collections.qemu.qmp.plugins.module_utils import detached_run
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_engine import Engine, Settings
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_retention import RULES, RetentionError, normalize_policy
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import failure, finish
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_module import QMPModule
@@ -440,7 +600,8 @@ DEFAULT_WAIT = 86400.0
 def main():
     qm = QMPModule(
         argument_spec=dict(
-            operation=dict(type="str", default="backup", choices=["backup", "restore", "verify"]),
+            operation=dict(type="str", default="backup",
+                           choices=["backup", "restore", "verify", "prune", "catalog"]),
             dir=dict(type="path", required=True),
             name=dict(type="str"),
             disks=dict(type="list", elements="str", default=[]),
@@ -461,17 +622,31 @@ def main():
             disk=dict(type="str"),
             output=dict(type="path"),
             force=dict(type="bool", default=False),
+            output_dir=dict(type="path"),
+            in_place=dict(type="bool", default=False),
+            retention=dict(type="dict", default={}, options=dict(
+                (rule, dict(type="int")) for rule in RULES)),
+            definition_file=dict(type="path"),
             lock_timeout=dict(type="float", default=0),
             poll_interval=dict(type="float", default=5),
             controller_timeout=dict(type="float", default=60),
         ),
-        required_if=[("operation", "restore", ["disk", "output"])],
+        required_by={"disk": ["output"]},
+        mutually_exclusive=[("disk", "output_dir")],
     )
     params = qm.params
     operation = params["operation"]
     for option, low in (("poll_interval", 0.01), ("controller_timeout", 1), ("lock_timeout", 0), ("max_age", 0)):
         if not low <= params[option] <= 1e9:
             qm.fail("%s must be a number of seconds from %g to 1000000000, not %r" % (option, low, params[option]))
+    try:
+        params["retention"] = normalize_policy(params["retention"] or {})
+    except RetentionError as exc:
+        qm.fail("retention: %s" % exc)
+    if params["in_place"] and (params["disk"] or params["output_dir"]):
+        qm.fail("in_place restores every disk over the VM's own: it goes without disk and output_dir")
+    if operation == "restore" and not (params["disk"] or params["output_dir"] or params["in_place"]):
+        qm.fail("restore needs disk and output (one disk), or output_dir or in_place (every disk of the point)")
     if params["keep_chains"] < 1:
         qm.fail("keep_chains must be 1 or more (the chain just written is always kept), not %d" % params["keep_chains"])
     settings = Settings(dict(
@@ -499,14 +674,20 @@ def main():
                 except QMPError as exc:
                     result = failure(exc, {"qmp_commands": qm.commands, "warnings": engine.warnings})
             finish(qm, result)
-    elif operation == "restore" and qm.check_mode:
+    elif operation == "catalog" or (qm.check_mode and operation in ("restore", "prune")):
+        plan = {"catalog": engine.catalog, "restore": engine.restore_plan, "prune": engine.prune_plan}[operation]
         try:
-            result = engine.restore_plan()
+            result = plan()
         except QMPError as exc:
             result = failure(exc)
+        if not qm.module._diff:
+            result.pop("diff", None)
         finish(qm, result)
 
-    work = {"backup": engine.backup, "restore": engine.restore, "verify": engine.verify}[operation]
+    work = {"backup": engine.backup, "restore": engine.restore, "verify": engine.verify,
+            "prune": engine.prune}[operation]
+
+    diff_wanted = qm.module._diff
 
     def run(reporter):
         engine.reporter = engine.tool.reporter = reporter
@@ -515,6 +696,8 @@ def main():
         except QMPError as exc:
             result = failure(exc, {"warnings": engine.warnings})
         result["messages"] = list(result.get("warnings", []))
+        if not diff_wanted:
+            result.pop("diff", None)
         return result
 
     detached_run.run_or_follow(qm, run, params["poll_interval"], params["controller_timeout"])
