@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -110,9 +111,13 @@ def test_wait_timeout_outlasts_timeout(disk_vm, ansible):
     vm = disk_vm
     vm.qmp("block-dirty-bitmap-add", {"node": "disk0", "name": "all"})
     vm.guest_write("vdisk0", 0, 12 * MiB)
-    # About 6 s at 2 MiB/s: three times the timeout.
-    slow_backup(vm, sync="bitmap", bitmap="all", speed=2 * MiB, **{"bitmap-mode": "never"})
-    result = ansible.run("qmp_job", job_args(vm, state="concluded", timeout=2, wait_timeout=30), vm=vm)
+    # The job stands still until the module has surely started (ansible-playbook's own start takes seconds
+    # on a loaded machine), then takes about 6 s at 2 MiB/s: three times the timeout.
+    slow_backup(vm, sync="bitmap", bitmap="all", speed=1, **{"bitmap-mode": "never"})
+    speed_up = threading.Timer(5, lambda: vm.qmp("block-job-set-speed", {"device": "job0", "speed": 2 * MiB}))
+    speed_up.start()
+    result = ansible.run("qmp_job", job_args(vm, state="concluded", timeout=2, wait_timeout=60), vm=vm)
+    speed_up.join()
     assert result["_status"] == "ok", result
     assert (result["job"]["status"], result["job"]["error"]) == ("concluded", None)
     assert result["waited"] > 2
