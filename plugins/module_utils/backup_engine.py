@@ -66,6 +66,16 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
     stop_process,
     utc_now,
 )
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_live import (
+    JOB_PREFIX as JOB_PREFIX_LIVE,
+    chain_of_backing,
+    create_overlay,
+    marker_path,
+    qcow2_backing,
+    read_marker,
+    streaming_nodes,
+    write_marker,
+)
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_manifest import MANIFEST_FORMAT, manifest_errors
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_prune import (
     PRUNE_JOURNAL,
@@ -726,10 +736,17 @@ class Engine:
 
     # -- whole-VM restore ----------------------------------------------------
 
-    def vm_point(self):
+    def vm_restore_target(self):
+        """The point of a whole-VM restore, what it reads, and {node: output}; in place only when confirmed."""
+        self.refuse_unfinished_prune()
         catalog = Catalog(self.root)
         backup = catalog.point(self.s.point)
-        return backup, catalog.lineage(backup)
+        lineage = catalog.lineage(backup)
+        outputs = self.vm_outputs(backup)
+        if self.s.in_place and not self.s.force:
+            raise BackupChainError("restoring VM %s in place replaces its disks (%s) with backup %s: set force to "
+                                   "confirm it" % (self.s.name, ", ".join(sorted(outputs.values())), backup.label))
+        return backup, lineage, outputs
 
     def vm_outputs(self, backup):
         """{node: output path} of every disk of the point: in the output folder, or in place (the paths the VM's
@@ -778,12 +795,7 @@ class Engine:
     def restore_vm(self, check=False):
         begin = time.monotonic()
         with DirLock(self.root, False, self.s.lock_timeout, self.reporter, "a restore"):
-            self.refuse_unfinished_prune()
-            backup, lineage = self.vm_point()
-            outputs = self.vm_outputs(backup)
-            if self.s.in_place and not self.s.force:
-                raise BackupChainError("restoring VM %s in place replaces its disks (%s) with backup %s: set force to "
-                                       "confirm it" % (self.s.name, ", ".join(sorted(outputs.values())), backup.label))
+            backup, lineage, outputs = self.vm_restore_target()
             self.refuse_open_outputs(outputs)
             if check:
                 disks = [{"disk": node, "output": output, "changed": not self.output_holds(
@@ -815,6 +827,182 @@ class Engine:
             else:
                 result.update(verified=[b.label for b in lineage], duration=round(time.monotonic() - begin, 3))
             return result
+
+    # -- live restore ----------------------------------------------------------
+
+    def live_prepare(self, check=False):
+        """The first half of a live restore: each disk's final image, an empty overlay on the backup point,
+        created in an instant. The VM then starts on them (the role), and live_restore() copies the data."""
+        with DirLock(self.root, False, self.s.lock_timeout, self.reporter, "a restore"):
+            backup, lineage, outputs = self.vm_restore_target()
+            marker_file = marker_path(backup.chain.dir, self.s.name)
+            marker = read_marker(marker_file) or {}
+            images = backup.images()
+            done_before = marker.get("point") == backup.label and marker.get("outputs") == outputs
+            disks, create = [], []
+            for node, output in outputs.items():
+                held = existing_output(output) is not None and (
+                    os.path.realpath(qcow2_backing(output) or "/") == os.path.realpath(images[node])
+                    or (done_before and marker.get("state") == "copied" and qcow2_backing(output) == ""))
+                if not held:
+                    if existing_output(output) is not None and not self.s.force:
+                        raise BackupChainError("%s exists and is not a live restore of disk %s as of backup %s; set "
+                                               "force to replace it" % (output, node, backup.label), output=output)
+                    create.append(node)
+                disks.append({"disk": node, "output": output, "changed": not held})
+            problems = self.restore_problems(lineage, list(outputs))
+            if problems:
+                raise BackupChainError("backup %s cannot be restored: %s" % (backup.label, "; ".join(problems)),
+                                       problems=problems)
+            if create and not check:
+                self.refuse_open_outputs(dict((n, outputs[n]) for n in create))
+                if self.s.output_dir:
+                    os.makedirs(self.s.output_dir, mode=0o750, exist_ok=True)
+                write_marker(marker_file, {"vm": self.s.name, "point": backup.label, "outputs": outputs,
+                                           "state": "running from the backup", "started": iso(utc_now())})
+                for node in create:
+                    try:
+                        create_overlay(self.tool, self.s.qemu_img, outputs[node], images[node],
+                                       backup.disk(node)["virtual_size"])
+                    except OSError as exc:
+                        raise os_error("creating the live-restore image %s" % outputs[node], exc)
+            point = "VM %s as of backup %s" % (self.s.name, backup.label)
+            return {
+                "changed": bool(create), "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
+                "backup_finished": backup.manifest.get("finished"), "restored": disks, "live": True,
+                "definition": self.restored_definition(backup, outputs), "warnings": self.warnings,
+                "msg": ("%s live: %s, each backed by the backup until its data is copied" % (
+                    "would restore " + point if check else "restored " + point, ", ".join(
+                        "%s in %s" % (d["disk"], d["output"]) for d in disks))) if create
+                else "%s is live-restored already: nothing to create" % point,
+            }
+
+    def restore_problems(self, lineage, nodes):
+        """Images of the point that are missing or not of their recorded size (the cheap checks: a live restore
+        starts the VM at once, and checks the checksums once the data is copied)."""
+        problems = []
+        for base in lineage:
+            for node in nodes:
+                disk = base.disk(node)
+                image = os.path.join(base.chain.dir, disk["image"])
+                if not os.path.exists(image) or os.path.getsize(image) != disk["image_size"]:
+                    problems.append("image %s is missing or not %d bytes" % (image, disk["image_size"]))
+        return problems
+
+    def live_restore_plan(self):
+        """What the copy would do (check mode): the disks that still read from the backup."""
+        with self.qm.connected():
+            streaming = streaming_nodes(read_block_nodes(self.qm.query, self.qm.schema), self.root)
+        return {"changed": bool(streaming), "disks": [{"disk": n, "reads": b} for n, b in sorted(streaming.items())],
+                "warnings": self.warnings,
+                "msg": ("would copy %s from the backup into the VM's own images" % ", ".join(sorted(streaming)))
+                if streaming else "VM %s runs from its own images: no disk reads from %s" % (self.s.name, self.root)}
+
+    def live_restore(self):
+        """The second half: copy into each overlay what it still reads from the backup (block-stream), while the
+        VM runs, then check the backup's checksums."""
+        begin = time.monotonic()
+        self.connect()
+        try:
+            return self._live_restore(begin)
+        finally:
+            self.close()
+
+    def _live_restore(self, begin):
+        nodes = read_block_nodes(self.qm.query, self.qm.schema)
+        streaming = streaming_nodes(nodes, self.root)
+        jobs = read_jobs_by_id(self.qm.query, self.qm.schema)
+        if not streaming:
+            return {"changed": False, "disks": [], "warnings": self.warnings,
+                    "msg": "VM %s runs from its own images: no disk reads from %s" % (self.s.name, self.root)}
+        places = set(chain_of_backing(self.root, b) for b in streaming.values())
+        if len(places) != 1:
+            raise BackupChainError("the disks of VM %s read from several backups (%s): restore them one at a time"
+                                   % (self.s.name, ", ".join(sorted("/".join(p) for p in places))))
+        chain_id, name = places.pop()
+        catalog = Catalog(self.root)
+        backup = catalog.point("%s/%s" % (chain_id, name.split("-")[0]))
+        job_ids = dict((JOB_PREFIX_LIVE + node, node) for node in streaming)
+        self.reporter.phase("live restore of VM %s: copying %s from backup %s" % (
+            self.s.name, ", ".join(sorted(streaming)), backup.label))
+        try:
+            for job_id, node in sorted(job_ids.items()):
+                if job_id in jobs:
+                    if jobs[job_id]["status"] not in ENDED:
+                        continue  # an earlier run's copy goes on: follow it
+                    self.qm.change(*job_command(self.qm.schema, "dismiss", job_id))
+                data = {"job-id": job_id, "device": node, "auto-dismiss": False}
+                if self.s.speed:
+                    data["speed"] = self.s.speed
+                self.qm.change("block-stream", data)
+            start = time.monotonic()
+
+            def on_poll(current):
+                elapsed = max(0.001, time.monotonic() - start)
+                self.reporter.progress("live restore of VM %s: %s" % (self.s.name, "; ".join(
+                    progress_text(node, (current.get(job_id) or {}).get("current") or 0,
+                                  (current.get(job_id) or {}).get("total") or 0, elapsed)
+                    for job_id, node in sorted(job_ids.items()))))
+
+            try:
+                ended, dummy = JobWaiter(self.qm).wait_status(list(job_ids), ENDED, self.s.wait_timeout, on_poll)
+            except JobWaitTimeout:
+                raise BackupChainError("the copy did not end within %gs (wait_timeout)" % self.s.wait_timeout)
+        except BaseException as exc:
+            self.reporter.can_abandon = False
+            self.cancel_jobs(list(job_ids))
+            what = "stopped" if isinstance(exc, Abandoned) else "failed"
+            raise BackupChainError("the live restore's copy %s (%s); VM %s goes on running from backup %s, and "
+                                   "running the copy again resumes it" % (what, exc, self.s.name, backup.label))
+        failed = []
+        for job_id, node in sorted(job_ids.items()):
+            job = ended.get(job_id) or {}
+            if job:
+                self.qm.change(*job_command(self.qm.schema, "dismiss", job_id))
+            if not job or job.get("error"):
+                failed.append("disk %s: %s" % (node, job.get("error") or "its job vanished"))
+        if failed:
+            raise BackupChainError("the live restore's copy failed: %s; VM %s goes on running from backup %s, and "
+                                   "running the copy again resumes it" % ("; ".join(failed), self.s.name, backup.label))
+        left = streaming_nodes(read_block_nodes(self.qm.query, self.qm.schema), self.root)
+        if left:
+            raise BackupChainError("after the copy, disks %s still read from the backup" % ", ".join(sorted(left)))
+        marker_file = marker_path(backup.chain.dir, self.s.name)
+        marker = read_marker(marker_file) or {"vm": self.s.name, "point": backup.label}
+        write_marker(marker_file, dict(marker, state="copied", copied=iso(utc_now())))
+        # The data came from the backup unchecked, to start at once: check it now.
+        self.reporter.phase("live restore of VM %s: checking backup %s against its checksums" % (
+            self.s.name, backup.label))
+        found = self.verify_backups(catalog.lineage(backup), nodes=list(streaming), check=False)
+        if found:
+            self.record_damage(found)
+            problems = [p for dummy, p in found]
+            raise BackupChainError("VM %s runs from its own images now, but backup %s was damaged: its data may be "
+                                   "wrong: %s" % (self.s.name, backup.label, "; ".join(problems)), problems=problems)
+        copied = dict((node, (ended.get(job_id) or {}).get("current") or 0) for job_id, node in job_ids.items())
+        return {
+            "changed": True, "chain": backup.chain.id, "sequence": backup.sequence, "level": backup.level,
+            "disks": [{"disk": node, "bytes_copied": copied[node]} for node in sorted(copied)],
+            "bytes_copied": sum(copied.values()), "duration": round(time.monotonic() - begin, 3),
+            "verified": [b.label for b in catalog.lineage(backup)], "warnings": self.warnings,
+            "msg": "VM %s runs from its own images: %s copied from backup %s while it ran, in %.1fs; the backup's "
+                   "checksums match" % (self.s.name, human(sum(copied.values())), backup.label,
+                                        time.monotonic() - begin),
+        }
+
+    def cancel_jobs(self, job_ids):
+        """Stop our copy jobs (best effort: QEMU may be gone); the VM goes on from the backup chain."""
+        try:
+            jobs = read_jobs_by_id(self.qm.query, self.qm.schema)
+            ours = [j for j in job_ids if j in jobs]
+            for job_id in ours:
+                if jobs[job_id]["status"] not in ENDED:
+                    self.qm.change(*job_command(self.qm.schema, "cancel", job_id))
+            JobWaiter(self.qm).wait_status(ours, ENDED, 30)
+            for job_id in ours:
+                self.qm.change(*job_command(self.qm.schema, "dismiss", job_id))
+        except (QMPError, OSError) as exc:
+            self.warnings.append("the copy jobs could not be stopped cleanly: %s" % exc)
 
     def write_restored(self, node, backup, image, output):
         """Flatten `image` into a new file beside `output`, check it, then rename it over `output`: the output

@@ -7,13 +7,15 @@ The policy (backup_retention) says which points to keep. A point that falls
 out of it goes in one of three ways:
 
 - nothing is based on it: its folder and manifest are removed;
-- exactly one point is based on it: it is folded into that point. For each
-  disk, `qemu-img commit -d` writes the later point's data into the older
-  image (which only the older point reads: every later point reads those
-  clusters from the later image, so their data stays what it was at every
-  instant), then the older image is renamed over the later one. The later
-  point now holds both, backed by what the older one was backed by; its
-  manifest is rewritten with new checksums and the points it absorbed;
+- exactly one point is based on it: it is folded into that point, together
+  with the points between that the policy drops too (a day of increments at
+  once). For each disk, `qemu-img commit -b OLDEST` writes the data of the
+  later images into the oldest one, which only the dropped points read:
+  the point kept reads those clusters from its own and the later images
+  still, so its data stays what it was at every instant. Then the oldest
+  image is renamed over the kept point's. The kept point now holds them all,
+  backed by what the oldest was backed by; its manifest is rewritten with
+  new checksums and the points it absorbed;
 - several points are based on it (a full backup with differentials): it
   stays, as their base.
 
@@ -43,6 +45,7 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_catalog import (
     Catalog,
 )
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_digest import file_digest
+from ansible_collections.qemu.qmp.plugins.module_utils.backup_live import MARKER_PREFIX, read_marker, reads_chain
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_host import (
     allocated_size,
     fsync_path,
@@ -54,8 +57,6 @@ from ansible_collections.qemu.qmp.plugins.module_utils.backup_retention import d
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import unlink_quietly, write_json
 
 PRUNE_JOURNAL = ".prune.json"
-# A chain a running VM reads as its backing files (a live restore): never pruned while that QEMU lives.
-IN_USE_PREFIX = ".in-use-"
 NEWEST = "newest"  # the rule that keeps the newest point: the next backup is based on it
 
 
@@ -70,32 +71,20 @@ def finished_moment(backup):
 
 
 def users(chain):
-    """Live restores that read the chain: [(marker path, pid)] of those whose QEMU still runs."""
-    found = []
+    """The live restores that still read the chain (a VM runs on overlays backed by its images): [marker path]."""
     try:
         names = os.listdir(chain.dir)
     except OSError:
-        return found
-    for name in names:
-        if not name.startswith(IN_USE_PREFIX):
-            continue
-        path = os.path.join(chain.dir, name)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                pid = int(json.load(handle).get("pid") or 0)
-        except (OSError, ValueError, AttributeError, TypeError):
-            pid = 0
-        if pid > 0 and os.path.exists("/proc/%d" % pid):
-            found.append((path, pid))
-        else:
-            unlink_quietly(path)  # that QEMU is gone: the chain is free again
-    return found
+        return []
+    markers = [os.path.join(chain.dir, n) for n in names if n.startswith(MARKER_PREFIX)]
+    return [path for path in markers if reads_chain(read_marker(path) or {}, chain.dir)]
 
 
 def plan_prune(catalog, policy):
     """What a prune does now: {"kept": {label: rule}, "actions": [...], "skipped": {chain id: why}}.
 
-    Actions, in the order they run: ("delete_chain", chain), ("remove", backup), ("fold", backup, into).
+    Actions, in the order they run: ("delete_chain", chain), ("remove", backup), ("fold", [backups], into):
+    the backups, oldest first, each based on the one before, the last the base of `into`.
     """
     chains = catalog.ordered()
     newest_chain = chains[-1] if chains else None
@@ -130,7 +119,11 @@ def plan_prune(catalog, policy):
                 based_on.pop(backup.sequence)
             elif len(dependents) == 1:
                 into = chain.backup(dependents[0])
-                actions.append(("fold", backup, into))
+                last = actions[-1] if actions else None
+                if last and last[0] == "fold" and last[2] is backup:
+                    actions[-1] = ("fold", last[1] + [backup], into)  # one commit for a run of dropped points
+                else:
+                    actions.append(("fold", [backup], into))
                 based_on[into.sequence] = based_on.pop(backup.sequence)
             else:
                 kept[backup.label] = "base of %d points" % len(dependents)
@@ -152,7 +145,7 @@ def chain_skip_reason(catalog, chain):
         except BackupChainError as exc:
             return str(exc)
     if users(chain):
-        return "a VM runs from it (a live restore): pruned once that VM has its own images"
+        return "a VM runs from it (a live restore): it is pruned once that VM's images hold their data"
     return None
 
 
@@ -161,7 +154,7 @@ def describe_action(action):
         return "delete chain %s (%s)" % (action[1].id, ", ".join(b.name for b in action[1].backups))
     if action[0] == "remove":
         return "remove %s" % action[1].label
-    return "fold %s into %s" % (action[1].label, action[2].name)
+    return "fold %s into %s" % (", ".join(b.label for b in action[1]), action[2].name)
 
 
 class Pruner:
@@ -266,21 +259,21 @@ class Pruner:
 
     # -- folding a point into the one based on it -------------------------------------
 
-    def fold(self, backup, into, text):
+    def fold(self, backups, into, text):
         # The plan was made before the folds ahead of this one, which rewrote these manifests.
-        for point in (backup, into):
+        for point in backups + [into]:
             point.manifest, point.problem = None, None
             point.read()
             if not point.committed:
                 raise BackupChainError("prune: cannot %s: %s" % (text, point.problem or "%s has no manifest"
                                                                  % point.label))
         # Damaged data is never folded into a kept point, where new checksums would hide it.
-        found = self.e.verify_backups([backup, into], check=False)
+        found = self.e.verify_backups(backups + [into], check=False)
         if found:
             self.e.record_damage(found)
             raise BackupChainError("prune: cannot %s: %s" % (text, "; ".join(p for dummy, p in found)),
                                    problems=[p for dummy, p in found])
-        step = {"action": "fold", "text": text, "chain": backup.chain.id, "fold": backup.manifest,
+        step = {"action": "fold", "text": text, "chain": into.chain.id, "fold": [b.manifest for b in backups],
                 "into": into.name}
         self.record(step)
         self.fold_step(step)
@@ -289,32 +282,34 @@ class Pruner:
     def fold_step(self, step):
         chain_dir = os.path.join(self.root, step["chain"])
         folded = step["fold"]
-        folded_name = "%04d-%s" % (folded["sequence"], folded["level"])
+        oldest = folded[0]
         into_manifest_path = os.path.join(chain_dir, step["into"] + ".json")
         try:
             with open(into_manifest_path, encoding="utf-8") as handle:
                 into = json.load(handle)
         except (OSError, ValueError) as exc:
             raise BackupChainError("prune: the manifest %s cannot be read (%s)" % (into_manifest_path, exc))
-        images = dict((d["node"], d) for d in folded["disks"])
+        images = dict((d["node"], d) for d in oldest["disks"])
         for disk in into["disks"]:
             older = images.get(disk["node"])
             if older is None:
-                raise BackupChainError("prune: backup %s/%s holds disk %s, which %s/%s does not"
-                                       % (step["chain"], step["into"], disk["node"], step["chain"], folded_name))
-            self.fold_disk(chain_dir, os.path.join(chain_dir, older["image"]), os.path.join(chain_dir, disk["image"]),
+                raise BackupChainError("prune: backup %s/%s holds disk %s, which %s/%s does not" % (
+                    step["chain"], step["into"], disk["node"], step["chain"], point_name(oldest)))
+            self.fold_disk(os.path.join(chain_dir, older["image"]), os.path.join(chain_dir, disk["image"]),
                            disk["node"], step["text"])
         self.rewrite_manifest(chain_dir, into_manifest_path, into, folded, step["text"])
-        self.remove_point(chain_dir, folded_name)
+        for manifest in folded:
+            self.remove_point(chain_dir, point_name(manifest))
 
-    def fold_disk(self, chain_dir, older, later, node, text):
-        """Write `later`'s data into `older`, then put `older` in `later`'s place. Done already when `older` is
-        gone (the rename is the step's last act)."""
+    def fold_disk(self, older, later, node, text):
+        """Write the data of `later` and of the images between into `older`, then put `older` in `later`'s
+        place. Done already when `older` is gone (the rename is the step's last act on the disk)."""
         if not os.path.exists(older):
             return
         qemu_img = self.e.s.qemu_img
         self.e.reporter.phase("prune: %s: disk %s (qemu-img commit)" % (text, node))
-        self.e.tool.run([qemu_img, "commit", "-q", "-d", "-f", "qcow2", later],
+        # -b keeps `later` as it is (it implies -d): until the rename, the kept point reads what it read.
+        self.e.tool.run([qemu_img, "commit", "-q", "-f", "qcow2", "-b", older, later],
                         "prune: committing %s into %s" % (later, older))
         try:
             os.chmod(older, FILE_MODE)
@@ -327,13 +322,16 @@ class Pruner:
     def rewrite_manifest(self, chain_dir, path, into, folded, text):
         """The point now holds what it folded in: its base, backing files, sizes and checksums change."""
         manifest = dict(into)
-        backing = dict((d["node"], d["backing"]) for d in folded["disks"])
-        manifest["based_on"] = folded["based_on"]
+        oldest = folded[0]
+        backing = dict((d["node"], d["backing"]) for d in oldest["disks"])
+        manifest["based_on"] = oldest["based_on"]
         # Rewritten again when a rerun finishes this step: the same points, once each.
-        absorbed = dict((f["sequence"], f) for f in list(into.get("folded", [])) + list(folded.get("folded", [])))
-        absorbed[folded["sequence"]] = {"sequence": folded["sequence"], "level": folded["level"],
-                                        "finished": folded["finished"]}
-        manifest["folded"] = [absorbed[s] for s in sorted(absorbed)]
+        absorbed = dict((f["sequence"], f) for f in into.get("folded", []))
+        for point in folded:
+            absorbed.update((f["sequence"], f) for f in point.get("folded", []))
+            absorbed[point["sequence"]] = {"sequence": point["sequence"], "level": point["level"],
+                                           "finished": point["finished"]}
+        manifest["folded"] = [absorbed[key] for key in sorted(absorbed)]
         disks = []
         for disk in into["disks"]:
             image = os.path.join(chain_dir, disk["image"])
@@ -359,6 +357,10 @@ class Pruner:
             write_json(path, manifest, durable=True, mode=FILE_MODE, indent=2)
         except OSError as exc:
             raise os_error("prune: writing the manifest %s" % path, exc)
+
+
+def point_name(manifest):
+    return "%04d-%s" % (manifest["sequence"], manifest["level"])
 
 
 def prune_summary(result):

@@ -352,8 +352,7 @@ class VMProcess:
         if saved.get("command_line") != command_line:
             self.changed = True
             if not self.check_mode:
-                _write_json(self.state_file, dict(saved, command_line=command_line,
-                                                      definition=self.saved_definition()))
+                _write_json(self.state_file, dict(saved, command_line=command_line, definition=self.saved_definition()))
         if self.moved is not None:
             self._remove(self.moved_marker)
             self.moved = None

@@ -60,8 +60,13 @@ options:
       - V(prune) applies O(retention) to the VM's backups, holding the same lock as a backup. It needs no QEMU.
       - V(catalog) lists the chains and their points (level, time, disks, data, when last verified, and with
         O(retention), the rule that keeps each). It changes nothing.
+      - V(live_restore) is the second half of a live restore (see O(live)). On the VM that the connection
+        options give, it copies into each disk's image what it still reads from the backup (C(block-stream), at
+        O(speed)), while the guest runs, until the VM depends on its own images alone. Then it checks the
+        backup's checksums. Stopped or failed, the VM goes on running from the backup, and running it again
+        resumes the copy.
     type: str
-    choices: [backup, restore, verify, prune, catalog]
+    choices: [backup, restore, verify, prune, catalog, live_restore]
     default: backup
   dir:
     description: The VM's backup folder, holding its chains.
@@ -210,6 +215,16 @@ options:
         with mode C(0750) when missing). An image there that already holds the disk at the point is left as it
         is.
     type: path
+  live:
+    description:
+      - With O(operation=restore) and no O(disk), the first half of a live restore (instant recovery), on stock
+        QEMU. Instead of copying the data, each disk's image is created empty, backed by the backup's image (by
+        its absolute path), in an instant whatever the disk's size. Start the VM on those images at once (the
+        role starts it with the C(qemu.qmp.vm) role, from RV(definition)), then run O(operation=live_restore).
+      - The backup is never written (QEMU opens backing files read-only). Its images' sizes are checked first; their
+        checksums once the data is copied. No prune touches the chain while a VM reads from it.
+    type: bool
+    default: false
   in_place:
     description:
       - With O(operation=restore) and no O(disk), write each disk over the path the VM's definition (carried by
@@ -259,7 +274,9 @@ attributes:
       - A backup is planned against the live VM and its chains, without changing either; the result shows the
         level, chain, disks, bytes to copy (from the bitmaps' counts), the bitmaps it would read, add and drop,
         and what it would clean up. A restore checks the point, compares an existing O(output) with it, and
-        reports no change when the output already holds it. A verify runs as usual (it only reads).
+        reports no change when the output already holds it. A verify runs as usual (it only reads). A prune
+        shows what it would remove and fold (RV(actions)). A catalog only reads. A live restore's first half
+        shows the images it would create; its copy, the disks that still read from the backup.
     support: full
   diff_mode:
     description: A prune (and its check mode) shows the points before and after. A backup or a restore has none.
@@ -315,6 +332,14 @@ EXAMPLES = r"""
     dir: /var/lib/backup/vm1
     operation: restore
     output_dir: /var/lib/qemu/vm1-restored
+
+- name: Run vm1 from its newest backup at once, its images in a folder (then start it, and copy)
+  qemu.qmp.qmp_backup_chain:
+    dir: /var/lib/backup/vm1
+    operation: restore
+    live: true
+    output_dir: /var/lib/qemu/vm1
+  register: live
 
 - name: Restore disk0 as of the newest backup
   qemu.qmp.qmp_backup_chain:
@@ -430,8 +455,10 @@ last_finished:
   returned: when RV(skipped)
   type: str
 bytes_copied:
-  description: Bytes QEMU's jobs went through (zeros included) or read over NBD, all disks together (see RV(disks[].bytes_copied)).
-  returned: when a backup was taken
+  description:
+    - Bytes QEMU's jobs went through (zeros included) or read over NBD, all disks together (see RV(disks[].bytes_copied)).
+    - For a live restore's copy, bytes the copy jobs went through; RV(disks) then lists each disk with its own.
+  returned: when a backup was taken, and for a live restore's copy
   type: int
   sample: 268435456
 bytes_written:
@@ -566,6 +593,10 @@ table:
   returned: for a catalog
   type: list
   elements: str
+live:
+  description: For the first half of a live restore (O(live)), true.
+  returned: for a restore with O(live)
+  type: bool
 restored:
   description: For a restore of every disk, each disk, its output, and whether it was written (C(changed)).
   returned: for a restore without O(disk)
@@ -601,7 +632,7 @@ def main():
     qm = QMPModule(
         argument_spec=dict(
             operation=dict(type="str", default="backup",
-                           choices=["backup", "restore", "verify", "prune", "catalog"]),
+                           choices=["backup", "restore", "verify", "prune", "catalog", "live_restore"]),
             dir=dict(type="path", required=True),
             name=dict(type="str"),
             disks=dict(type="list", elements="str", default=[]),
@@ -624,6 +655,7 @@ def main():
             force=dict(type="bool", default=False),
             output_dir=dict(type="path"),
             in_place=dict(type="bool", default=False),
+            live=dict(type="bool", default=False),
             retention=dict(type="dict", default={}, options=dict(
                 (rule, dict(type="int")) for rule in RULES)),
             definition_file=dict(type="path"),
@@ -656,9 +688,24 @@ def main():
         wait_timeout=params["wait_timeout"] or DEFAULT_WAIT))
     engine = Engine(qm, settings, detached_run.Reporter())
 
-    if operation == "backup":
+    if params["live"] and (operation != "restore" or params["disk"]):
+        qm.fail("live goes with operation=restore and no disk: a live restore starts the whole VM")
+    if operation in ("backup", "live_restore"):
         if not (params["socket"] or params["host"] or os.environ.get("QMP_SOCKET")):
             qm.fail("no QMP connection given: set socket (or the QMP_SOCKET environment variable), or host and port")
+    if operation == "live_restore" and qm.check_mode:
+        try:
+            result = engine.live_restore_plan()
+        except QMPError as exc:
+            result = failure(exc, {"qmp_commands": qm.commands})
+        finish(qm, result)
+    elif operation == "restore" and params["live"]:
+        try:
+            result = engine.live_prepare(check=qm.check_mode)
+        except QMPError as exc:
+            result = failure(exc)
+        finish(qm, result)
+    elif operation == "backup":
         last_finished, reason = engine.skip_reason()
         if reason:
             finish(qm, dict(changed=False, skipped=True, last_finished=last_finished, reason=reason,
@@ -685,7 +732,7 @@ def main():
         finish(qm, result)
 
     work = {"backup": engine.backup, "restore": engine.restore, "verify": engine.verify,
-            "prune": engine.prune}[operation]
+            "prune": engine.prune, "live_restore": engine.live_restore}[operation]
 
     diff_wanted = qm.module._diff
 

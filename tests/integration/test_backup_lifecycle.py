@@ -11,9 +11,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -22,11 +24,17 @@ from backup_helpers import MiB, qemu_img, reference_copy
 from engine_inprocess import PRUNE_STEPS, Clock, run_module
 
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_retention import select
-from harness import disk_args, make_image
+from harness import ROOT, disk_args, make_image, qemu_binary
 from test_role_backup import BackupRole
+from test_role_migrate import RECORD, SLOTS
 from test_role_vm import RoleVM
 
 SIZE = 8 * MiB
+QEMU_10 = os.path.join(ROOT, ".cache", "qemu10", "bin", "qemu-system-x86_64")
+IN_THE_QEMU_10_LANE = os.path.realpath(qemu_binary()) == os.path.realpath(QEMU_10)
+# Pruning and restoring are qemu-img's work on the backup folder, the same qemu-img in both lanes: they run in
+# the QEMU 7.2 lane. Live restore runs in both: a 64 MiB disk with QEMU 7.2, a 4 GiB one with QEMU 10.0.
+prune_lane = pytest.mark.skipif(IN_THE_QEMU_10_LANE, reason="qemu-img's work on backups runs in the QEMU 7.2 lane")
 CLUSTER = 64 * 1024
 UTC = datetime.timezone.utc
 POLICY = {"keep_last": 2, "keep_hourly": 3, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 2}
@@ -129,6 +137,7 @@ def moments():
             yield start + datetime.timedelta(days=day, hours=hour, minutes=minute)
 
 
+@prune_lane
 def test_sixty_days_of_incremental_forever_pruned_by_policy(small_vm, workdir, utc_host):
     vm = small_vm
     folder = os.path.join(workdir, "backups", "vm1")
@@ -195,44 +204,47 @@ def five_points(small_vm, workdir):
     return folder, references
 
 
+@prune_lane
 def test_prune_check_mode_and_diff_show_the_folds_and_change_nothing(five_points):
     folder, references = five_points
     before = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(folder, "*", "*", "*.qcow2"))}
     plan = run_module({"dir": folder, "operation": "prune", "retention": {"keep_last": 2}}, check=True, diff=True)
     labels = sorted(references)
     assert plan["changed"] is True and plan["msg"].startswith("would ")
-    assert plan["actions"] == ["fold %s into %s" % (labels[i], labels[i + 1].split("/")[1]) for i in range(3)]
+    # One fold for the three points dropped in a row: one qemu-img commit into the oldest image.
+    assert plan["actions"] == ["fold %s into %s" % (", ".join(labels[:3]), labels[3].split("/")[1])]
     assert plan["diff"]["before"].split() == labels and plan["diff"]["after"].split() == labels[3:]
     assert {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(folder, "*", "*", "*.qcow2"))} == before
 
 
-@pytest.mark.parametrize("step", PRUNE_STEPS)
-def test_prune_killed_at_each_step_then_rerun_keeps_every_point_restorable(five_points, workdir, step):
-    """keep_last=2 folds points 0, 1 and 2 into 3: killed after each step of the first and of the last fold, a
+@prune_lane
+@pytest.mark.parametrize("step, count", [(step, 1) for step in PRUNE_STEPS] + [("remove_point", 3)])
+def test_prune_killed_at_each_step_then_rerun_keeps_every_point_restorable(five_points, workdir, step, count):
+    """keep_last=2 folds points 0, 1 and 2 into 3 (one commit, then three removals): killed after each step, a
     rerun finishes, and every kept point restores equal to its reference."""
     source, references = five_points
     labels = sorted(references)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
-    for count in (1, 3):
-        folder = prune_copy(source, workdir, "%s-%d" % (step, count))
-        args = {"dir": folder, "operation": "prune", "retention": {"keep_last": 2}}
-        killed = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "engine_inprocess.py"),
-                                 json.dumps(args), step, str(count)], env=env, capture_output=True, text=True,
-                                check=False)
-        assert killed.returncode == 9, (killed.stdout, killed.stderr)
-        # Meanwhile a restore or a verify refuses, naming what to do.
-        refused = run_module({"dir": folder, "operation": "verify"})
-        assert refused.get("failed") and "run the prune again" in refused["msg"], refused
-        rerun = run_module(args)
-        assert not rerun.get("failed"), rerun.get("msg")
-        assert rerun["actions"][0].startswith("finished an interrupted prune"), rerun["actions"]
-        assert not os.path.exists(os.path.join(folder, ".prune.json"))
-        found = Proof(folder, workdir).check(references)
-        assert sorted(found) == labels[3:]
-        verified = run_module({"dir": folder, "operation": "verify"})
-        assert not verified.get("failed") and verified["problems"] == [], verified
+    folder = prune_copy(source, workdir, "%s-%d" % (step, count))
+    args = {"dir": folder, "operation": "prune", "retention": {"keep_last": 2}}
+    killed = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "engine_inprocess.py"),
+                             json.dumps(args), step, str(count)], env=env, capture_output=True, text=True,
+                            check=False)
+    assert killed.returncode == 9, (killed.stdout, killed.stderr)
+    # Meanwhile a restore or a verify refuses, naming what to do.
+    refused = run_module({"dir": folder, "operation": "verify"})
+    assert refused.get("failed") and "run the prune again" in refused["msg"], refused
+    rerun = run_module(args)
+    assert not rerun.get("failed"), rerun.get("msg")
+    assert rerun["actions"][0].startswith("finished an interrupted prune"), rerun["actions"]
+    assert not os.path.exists(os.path.join(folder, ".prune.json"))
+    found = Proof(folder, workdir).check(references)
+    assert sorted(found) == labels[3:]
+    verified = run_module({"dir": folder, "operation": "verify"})
+    assert not verified.get("failed") and verified["problems"] == [], verified
 
 
+@prune_lane
 def test_whole_vm_restore_starts_the_vm_from_the_manifest_alone(ansible, workdir):
     """A two-disk VM started by the vm role, backed up twice; then its disks are lost and the inventory forgets it.
     The restore entry point writes both disks (four ways) and starts the VM from the definition in the manifest."""
@@ -301,3 +313,136 @@ class RestorePlay:
                                               args=["--check"] if check else None)
         result = next((r["result"] for r in records if r["task"] == "result"), {})
         return {"rc": proc.returncode, "stdout": proc.stdout, "result": result.get("backup_restore_result")}
+
+
+def files_digest(folder):
+    """SHA-256 of every backup image and manifest under a VM's backup folder (not the lock or the records)."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*", "*.json")) + glob.glob(os.path.join(folder, "*", "*", "*"))):
+        with open(path, "rb") as handle:
+            found[path] = hashlib.sha256(handle.read()).hexdigest()
+    return found
+
+
+def head_records(image, workdir):
+    """{slot: tick} of the guest's records, read from the start of a disk image only."""
+    raw = os.path.join(workdir, "head.raw")
+    result = qemu_img("dd", "-U", "-f", "qcow2", "-O", "raw", "bs=4096", "count=%d" % SLOTS, "if=" + image, "of=" + raw)
+    assert result.returncode == 0, result.stderr
+    with open(raw, "rb") as handle:
+        data = handle.read()
+    found = {}
+    for slot in range(SLOTS):
+        match = RECORD.match(data[slot * 4096:slot * 4096 + 64])
+        if match:
+            found[slot] = int(match.group(1))
+    return found, raw
+
+
+class FirstTick(threading.Thread):
+    """When (wall clock) the guest printed its first tick into a serial log that does not exist yet."""
+
+    def __init__(self, path):
+        super().__init__(daemon=True)
+        self.path = path
+        self.at = None
+        self.running = True
+
+    def run(self):
+        while self.running and self.at is None:
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as handle:
+                    if "guest: tick " in handle.read():
+                        self.at = time.time()
+            except FileNotFoundError:
+                pass
+            time.sleep(0.02)
+
+
+# The copy's speed limit counts every byte it goes through, holes included: the big disk copies unlimited.
+@pytest.mark.parametrize("size, speed", [
+    pytest.param("64M", 4 * MiB, marks=pytest.mark.skipif(IN_THE_QEMU_10_LANE, reason="runs in the QEMU 7.2 lane")),
+    pytest.param("4G", 0, marks=pytest.mark.skipif(not IN_THE_QEMU_10_LANE, reason="runs in the QEMU 10.0 lane"))])
+def test_live_restore_runs_the_guest_at_once_and_copies_while_it_writes(ansible, workdir, size, speed):
+    os.makedirs(os.path.join(workdir, "vm"))
+    disks = [make_image(os.path.join(workdir, "vm", "disk0.qcow2"), size),
+             make_image(os.path.join(workdir, "vm", "disk1.qcow2"), "16M")]
+    vm = RoleVM(ansible, workdir, name="livevm", vm_disks=[
+        {"path": disks[0], "node_name": "disk0"}, {"path": disks[1], "node_name": "disk1"}],
+        vm_append="console=ttyS0 panic=-1 quiet qmpguest.disk=/dev/vda")
+    assert vm.apply()["rc"] == 0
+    vm.wait_serial("guest: tick 2 ")
+    vm.qmp("human-monitor-command", {"command-line": 'qemu-io -d dev-disk1/virtio-backend "write -P 0x5a 1M 3M"'})
+    vm.socket = vm.path("livevm.qmp")
+    backups = os.path.join(workdir, "backups")
+    role = BackupRole(ansible, vm, backups)
+    for level in ("full", "incremental"):
+        vm.qmp("stop")
+        outcome = role.run(backup_name="livevm", backup_level=level, backup_definition_file=vm.path("livevm.json"))
+        assert outcome["rc"] == 0, outcome["stdout"][-3000:]
+        if level == "full":
+            vm.qmp("cont")
+            vm.wait_serial("guest: tick %d " % (vm.read("livevm.serial.log").count("guest: tick") + 2))
+    point, dummy = head_records(disks[0], workdir)
+    references = [os.path.join(workdir, "reference-%d.qcow2" % i) for i in range(2)]
+    for disk, reference in zip(disks, references):
+        assert qemu_img("convert", "-U", "-O", "qcow2", disk, reference).returncode == 0
+    before = files_digest(os.path.join(backups, "livevm"))
+    assert vm.apply(vm_state="absent")["rc"] == 0
+    shutil.rmtree(os.path.dirname(disks[0]))
+    shutil.rmtree(vm.run_dir)
+
+    restored = os.path.join(workdir, "restored")
+    stamp = os.path.join(workdir, "task-started")
+    play = [{"hosts": "localhost", "gather_facts": False, "tasks": [
+        {"name": "stamp", "ansible.builtin.file": {"path": stamp, "state": "touch"}},
+        {"name": "live", "ansible.builtin.include_role": {"name": "qemu.qmp.backup", "tasks_from": "live_restore"}},
+        {"name": "result", "ansible.builtin.debug": {"var": "backup_live_restore_result"}}]}]
+    first = FirstTick(vm.path("livevm.serial.log"))
+    first.start()
+    records, proc = ansible.playbook(json.dumps(play), extra_vars={
+        "backup_name": "livevm", "backup_dir": backups, "backup_restore_dir": restored, "backup_poll_interval": 0.5,
+        "backup_speed": speed})
+    copied = time.time()
+    first.join(120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    copy = next(r["result"] for r in records if r["task"] == "result")["backup_live_restore_result"]
+    # The guest ran within seconds of the task starting, whatever the disk's size, and went on while the copy ran.
+    # The VM's QEMU runs (its QMP socket is there) within 5 s of the task starting, whatever the disk's size;
+    # the guest's own boot under TCG then takes as long as a plain start's (bench/backup_lifecycle.py).
+    started = os.stat(vm.path("livevm.qmp")).st_mtime - os.stat(stamp).st_mtime
+    assert started < 5, started
+    assert copy["changed"] and copy["verified"], copy
+    if speed:  # the slow copy: the guest ran, and wrote its records, while it went on
+        assert first.at < copied, (first.at, copied)
+    deadline = time.monotonic() + 60
+    while vm.read("livevm.serial.log").count("guest: tick") < 3:  # records written since the restore
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    vm.qmp("stop")
+    final = [os.path.join(restored, n + ".qcow2") for n in ("disk0", "disk1")]
+    for image in final:
+        assert image_backing(image) is None, image
+    # The final images hold the point plus exactly the guest's writes since: outside its records, disk0 is the
+    # point's; each record is the point's, or a newer tick.
+    now, head = head_records(final[0], workdir)
+    # The guest counts from 0 again after a boot: each record is the point's, or one it printed since.
+    printed = set(int(t) for t in re.findall(r"guest: tick (\d+) ", vm.read("livevm.serial.log")))
+    assert set(now) >= set(point) and max(printed) - 1 in now.values(), (point, now, printed)
+    assert all(tick == point.get(slot) or tick in printed for slot, tick in now.items()), (point, now, printed)
+    expected = os.path.join(workdir, "expected.qcow2")
+    assert qemu_img("convert", "-O", "qcow2", references[0], expected).returncode == 0
+    wrote = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -s %s 0 %d" % (head, SLOTS * 4096), expected],
+                           capture_output=True, text=True, check=False)
+    assert wrote.returncode == 0, wrote.stderr
+    assert qemu_img("compare", "-U", expected, final[0]).returncode == 0
+    assert qemu_img("compare", "-U", references[1], final[1]).returncode == 0
+    # The backup is as it was.
+    assert files_digest(os.path.join(backups, "livevm")) == before
+    vm.qmp("cont")
+    assert vm.apply(vm_state="absent")["rc"] == 0
+
+
+def image_backing(path):
+    info = json.loads(qemu_img("info", "-U", "--output=json", path).stdout)
+    return info.get("backing-filename")
