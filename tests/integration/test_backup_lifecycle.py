@@ -398,11 +398,17 @@ def test_live_restore_runs_the_guest_at_once_and_copies_while_it_writes(ansible,
         {"name": "stamp", "ansible.builtin.file": {"path": stamp, "state": "touch"}},
         {"name": "live", "ansible.builtin.include_role": {"name": "qemu.qmp.backup", "tasks_from": "live_restore"}},
         {"name": "result", "ansible.builtin.debug": {"var": "backup_live_restore_result"}}]}]
+    variables = {"backup_name": "livevm", "backup_dir": backups, "backup_restore_dir": restored,
+                 "backup_poll_interval": 0.5, "backup_speed": speed}
+    # Check mode shows the images it would create, and creates nothing.
+    planned, checked = ansible.playbook(json.dumps(play), extra_vars=variables, args=["--check"])
+    prepared = [r["result"] for r in planned if r.get("action") == "qemu.qmp.qmp_backup_chain" and r["status"] == "ok"]
+    assert checked.returncode == 0 and len(prepared) == 1, checked.stdout[-3000:]
+    assert prepared[0]["changed"] and prepared[0]["msg"].startswith("would restore VM livevm"), prepared
+    assert not os.path.exists(restored) and not os.path.exists(vm.run_dir)
     first = FirstTick(vm.path("livevm.serial.log"))
     first.start()
-    records, proc = ansible.playbook(json.dumps(play), extra_vars={
-        "backup_name": "livevm", "backup_dir": backups, "backup_restore_dir": restored, "backup_poll_interval": 0.5,
-        "backup_speed": speed})
+    records, proc = ansible.playbook(json.dumps(play), extra_vars=variables)
     copied = time.time()
     first.join(120)
     assert proc.returncode == 0, proc.stdout[-3000:]
