@@ -6,7 +6,8 @@
 The policy (backup_retention) says which points to keep. A point that falls
 out of it goes in one of three ways:
 
-- nothing is based on it: its folder and manifest are removed;
+- no point kept reads it (nothing is based on it, or only other points
+  that go): its folder and manifest are removed, the newest first;
 - exactly one point is based on it: it is folded into that point, together
   with the points between that the policy drops too (a day of increments at
   once). For each disk, `qemu-img commit -b OLDEST` writes the data of the
@@ -110,14 +111,22 @@ def plan_prune(catalog, policy):
             actions.append(("delete_chain", chain))
             continue
         based_on = dict((b.sequence, b.manifest.get("based_on")) for b in backups)
+        # Points no kept point reads go first, newest first: a point is never left based on one removed.
+        needed = set()
         for backup in backups:
-            if kept.get(backup.label) is not None:
-                continue
-            dependents = [s for s, base in based_on.items() if base == backup.sequence]
-            if not dependents:
+            sequence = backup.sequence if kept.get(backup.label) is not None else None
+            while sequence is not None and sequence not in needed:
+                needed.add(sequence)
+                sequence = based_on.get(sequence)
+        for backup in reversed(backups):
+            if backup.sequence not in needed:
                 actions.append(("remove", backup))
                 based_on.pop(backup.sequence)
-            elif len(dependents) == 1:
+        for backup in backups:
+            if kept.get(backup.label) is not None or backup.sequence not in needed:
+                continue
+            dependents = [s for s, base in based_on.items() if base == backup.sequence]
+            if len(dependents) == 1:
                 into = chain.backup(dependents[0])
                 last = actions[-1] if actions else None
                 if last and last[0] == "fold" and last[2] is backup:
