@@ -468,7 +468,16 @@ class Engine:
         except (OSError, ValueError, AttributeError) as exc:
             self.warnings.append("the VM's definition %s cannot be read (%s): the backup does not carry it" % (path, exc))
             return None
-        return definition if isinstance(definition, dict) else None
+        if not isinstance(definition, dict):
+            return None
+        socket_path = self.qm.params.get("socket")
+        if socket_path and definition.get("qmp_socket") and \
+                os.path.realpath(definition["qmp_socket"]) != os.path.realpath(socket_path):
+            # Another VM's definition (a default taken from the play): never restore this VM as that one.
+            self.warnings.append("the definition in %s is of the VM on %s, not of the one backed up (%s): the backup "
+                                 "does not carry it" % (path, definition["qmp_socket"], socket_path))
+            return None
+        return definition
 
     def prune_after_commit(self):
         """Apply the retention policy once the backup is committed. A failure leaves the backup as it is, and
