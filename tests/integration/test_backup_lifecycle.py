@@ -40,6 +40,24 @@ UTC = datetime.timezone.utc
 POLICY = {"keep_last": 2, "keep_hourly": 3, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 2}
 
 
+@pytest.fixture(autouse=True)
+def no_qemu_left(workdir):
+    """The VMs these tests start with the roles are stopped at the end even when a test fails: a guest left
+    running would slow every test after it."""
+    yield
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            with open("/proc/%d/cmdline" % pid, "rb") as handle:
+                argv = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and os.path.basename(argv[0]).startswith(b"qemu-system") and any(workdir.encode() in a for a in argv):
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+
+
 @pytest.fixture
 def utc_host(monkeypatch):
     """The policy's periods are the host's local time: pin it, so the expected periods are known."""
@@ -361,7 +379,7 @@ class FirstTick(threading.Thread):
 
 # The copy's speed limit counts every byte it goes through, holes included: the big disk copies unlimited.
 @pytest.mark.parametrize("size, speed", [
-    pytest.param("64M", 4 * MiB, marks=pytest.mark.skipif(IN_THE_QEMU_10_LANE, reason="runs in the QEMU 7.2 lane")),
+    pytest.param("64M", 256 * 1024, marks=pytest.mark.skipif(IN_THE_QEMU_10_LANE, reason="runs in the QEMU 7.2 lane")),
     pytest.param("4G", 0, marks=pytest.mark.skipif(not IN_THE_QEMU_10_LANE, reason="runs in the QEMU 10.0 lane"))])
 def test_live_restore_runs_the_guest_at_once_and_copies_while_it_writes(ansible, workdir, size, speed):
     os.makedirs(os.path.join(workdir, "vm"))
@@ -408,6 +426,10 @@ def test_live_restore_runs_the_guest_at_once_and_copies_while_it_writes(ansible,
     assert not os.path.exists(restored) and not os.path.exists(vm.run_dir)
     first = FirstTick(vm.path("livevm.serial.log"))
     first.start()
+    if speed:
+        # The copy crawls until the guest has ticked (however long its boot takes on a loaded machine), then
+        # goes at full speed: the guest surely runs and writes while the copy runs.
+        threading.Thread(target=unthrottle_after_first_tick, args=(vm, first), daemon=True).start()
     records, proc = ansible.playbook(json.dumps(play), extra_vars=variables)
     copied = time.time()
     first.join(120)
@@ -447,6 +469,17 @@ def test_live_restore_runs_the_guest_at_once_and_copies_while_it_writes(ansible,
     assert files_digest(os.path.join(backups, "livevm")) == before
     vm.qmp("cont")
     assert vm.apply(vm_state="absent")["rc"] == 0
+
+
+def unthrottle_after_first_tick(vm, first, timeout=180):
+    deadline = time.monotonic() + timeout
+    while first.at is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for node in ("disk0", "disk1"):
+        try:
+            vm.qmp("block-job-set-speed", {"device": "qemu-qmp-restore-" + node, "speed": 0})
+        except Exception:  # pylint: disable=broad-exception-caught
+            pass  # that disk's copy has ended
 
 
 def image_backing(path):
