@@ -388,7 +388,9 @@ def test_live_restore_runs_the_guest_at_once_and_copies_while_it_writes(ansible,
     vm = RoleVM(ansible, workdir, name="livevm", vm_disks=[
         {"path": disks[0], "node_name": "disk0"}, {"path": disks[1], "node_name": "disk1"}],
         vm_append="console=ttyS0 panic=-1 quiet qmpguest.disk=/dev/vda")
+    begin = time.time()
     assert vm.apply()["rc"] == 0
+    plain = os.stat(vm.path("livevm.qmp")).st_mtime - begin  # a plain start by the vm role, QEMU up
     vm.wait_serial("guest: tick 2 ")
     vm.qmp("human-monitor-command", {"command-line": 'qemu-io -d dev-disk1/virtio-backend "write -P 0x5a 1M 3M"'})
     vm.socket = vm.path("livevm.qmp")
@@ -437,9 +439,10 @@ def test_live_restore_runs_the_guest_at_once_and_copies_while_it_writes(ansible,
     copy = next(r["result"] for r in records if r["task"] == "result")["backup_live_restore_result"]
     # The guest ran within seconds of the task starting, whatever the disk's size, and went on while the copy ran.
     # The VM's QEMU runs (its QMP socket is there) within 5 s of the task starting, whatever the disk's size;
-    # the guest's own boot under TCG then takes as long as a plain start's (bench/backup_lifecycle.py).
+    # on a loaded machine, within 2 s more than a plain start of the same VM took. The guest's own boot under
+    # TCG then takes as long as a plain start's (bench/backup_lifecycle.py).
     started = os.stat(vm.path("livevm.qmp")).st_mtime - os.stat(stamp).st_mtime
-    assert started < 5, started
+    assert started < max(5, plain + 2), (started, plain)
     assert copy["changed"] and copy["verified"], copy
     if speed:  # the slow copy: the guest ran, and wrote its records, while it went on
         assert first.at < copied, (first.at, copied)
