@@ -74,6 +74,7 @@ bench: bootstrap
 	python bench/migration_time.py 3
 	python bench/migration_engine.py 3
 	python bench/backup_lifecycle.py 3
+	python bench/fleet.py
 
 demo: bootstrap
 	ANSIBLE_CONFIG=playbooks/demo/ansible.cfg ansible-playbook -i localhost, playbooks/demo/demo.yml -e demo_upgrade_qemu_binary=$(QEMU_10)

@@ -93,6 +93,7 @@ from ansible_collections.qemu.qmp.plugins.module_utils.nbd_client import (
     NBDError,
     copy_extents,
 )
+from ansible_collections.qemu.qmp.plugins.module_utils.host_budget import HostBudget
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_block import ImageCreator
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPClient, QMPCommandError, QMPError
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_jobs import (
@@ -134,6 +135,8 @@ class Engine:
         self.tool = Tool(reporter)
         self.journal = Journal(self.root)
         self.timings = {}
+        # Seconds the backup waited for a slot of the host's budget.
+        self.budget_wait = 0.0
         # Set once the manifest of the backup is in place: from then on the backup counts, and stays.
         self.committed = False
         # qemu-nbd from the same place as the qemu-img in use.
@@ -273,12 +276,16 @@ class Engine:
         except OSError as exc:
             raise os_error("cannot create the backup folder %s" % self.root, exc)
         with DirLock(self.root, True, self.s.lock_timeout, self.reporter, "a backup"):
-            self.reporter.phase("connecting to QEMU")
-            self.connect()
-            try:
-                return self._backup(started, begin)
-            finally:
-                self.close()
+            # The host's budget is taken after the VM's lock: a run that would be refused waits for no slot.
+            with HostBudget(self.s.budget_dir, "backup", self.s.host_budget, self.s.wait_timeout, self.reporter,
+                            "backup of %s" % self.s.name, BackupChainError) as budget:
+                self.budget_wait = budget.waited
+                self.reporter.phase("connecting to QEMU")
+                self.connect()
+                try:
+                    return self._backup(started, begin)
+                finally:
+                    self.close()
 
     def _backup(self, started, begin):
         self.reporter.phase("cleaning up after interrupted runs")
@@ -320,7 +327,7 @@ class Engine:
                                            "read over NBD" if self.s.mode == "pull"
                                            else "copied by the job, zeros included") for d in disks)),
             "cleaned": self.cleaned, "removed_chains": removed, "pruned": pruned, "warnings": self.warnings,
-            "timings": self.timings, "qmp_commands": self.commands(),
+            "timings": self.timings, "budget_wait": self.budget_wait, "qmp_commands": self.commands(),
         }
 
     def failed(self, plan, exc, rollback_failure):

@@ -319,8 +319,9 @@ class Outgoing:
         if info["status"] in ACTIVE:
             raise MigrationError("a migration of this VM is under way (%s): wait for it, or cancel it with "
                                  "qemu.qmp.qmp_migrate state=cancelled" % info["status"])
-        if status["status"] not in ("running", "paused"):
-            raise MigrationError("the VM is %s: only a running or paused VM can be migrated" % status["status"])
+        if status["status"] not in ("running", "paused", "prelaunch"):
+            raise MigrationError("the VM is %s: only a running or paused VM (or one not started yet, prelaunch) can "
+                                 "be migrated" % status["status"])
         known = read_jobs_by_id(self.qm.query, self.qm.schema)
         busy = [job_id for job_id in self.jobs if job_id in known]
         if busy:
@@ -561,7 +562,7 @@ class Outgoing:
             if self.was_running and not status["running"] and status["status"] not in ("postmigrate", "shutdown"):
                 qm.change("cont")
                 status = read_status(qm.query)
-            if status["status"] in ("running", "paused"):
+            if status["status"] in ("running", "paused", "prelaunch"):
                 return ("the migration is cancelled%s, and the VM goes on %s on the source" % (
                     " and the disk copies stopped" if self.copies else "", status["status"]), "source")
             return ("the migration is cancelled, and the VM is %s on the source: check it with qemu.qmp.qmp_info"

@@ -256,6 +256,19 @@ options:
     description: Seconds to wait for another run on O(dir) to end; 0 fails at once, naming it.
     type: float
     default: 0
+  host_budget:
+    description:
+      - With O(operation=backup), how many backups may run on this host at once, counted on the host itself
+        (one flock per slot in O(budget_dir)), whatever the controller does. A backup that finds every slot
+        taken waits for one, up to O(wait_timeout), and says which backups hold them.
+      - It is taken after the VM's own lock, and before anything is asked of QEMU.
+      - V(0) sets no limit.
+    type: int
+    default: 0
+  budget_dir:
+    description: The folder of the host's budget slots, shared by every backup on the host that has a O(host_budget).
+    type: path
+    default: /run/qemu-qmp/budget
   poll_interval:
     description: Seconds between two progress reports.
     type: float
@@ -479,6 +492,10 @@ bytes_to_copy:
   description: In check mode, bytes the backup would copy (the bitmaps' counts; a full backup's virtual size).
   returned: in check mode
   type: int
+budget_wait:
+  description: Seconds the backup waited for a slot of the host's budget (see O(host_budget)).
+  returned: when a backup was taken
+  type: float
 duration:
   description: Seconds the backup took on the host, until its manifest was written (or the restore, or the verify).
   returned: when a backup was taken, and for a restore and a verify
@@ -619,6 +636,7 @@ import os
 
 from ansible_collections.qemu.qmp.plugins.module_utils import detached_run
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_engine import Engine, Settings
+from ansible_collections.qemu.qmp.plugins.module_utils.host_budget import DEFAULT_DIR as DEFAULT_BUDGET_DIR
 from ansible_collections.qemu.qmp.plugins.module_utils.backup_retention import RULES, RetentionError, normalize_policy
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import failure, finish
@@ -660,6 +678,8 @@ def main():
                 (rule, dict(type="int")) for rule in RULES)),
             definition_file=dict(type="path"),
             lock_timeout=dict(type="float", default=0),
+            host_budget=dict(type="int", default=0),
+            budget_dir=dict(type="path", default=DEFAULT_BUDGET_DIR),
             poll_interval=dict(type="float", default=5),
             controller_timeout=dict(type="float", default=60),
         ),
@@ -671,6 +691,8 @@ def main():
     for option, low in (("poll_interval", 0.01), ("controller_timeout", 1), ("lock_timeout", 0), ("max_age", 0)):
         if not low <= params[option] <= 1e9:
             qm.fail("%s must be a number of seconds from %g to 1000000000, not %r" % (option, low, params[option]))
+    if params["host_budget"] < 0:
+        qm.fail("host_budget must be 0 (no limit) or more, not %d" % params["host_budget"])
     try:
         params["retention"] = normalize_policy(params["retention"] or {})
     except RetentionError as exc:

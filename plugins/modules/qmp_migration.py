@@ -136,6 +136,18 @@ options:
         on the source (at least three polls and 5 seconds).
     type: float
     default: 60
+  host_budget:
+    description:
+      - With O(state=migrated), how many migrations may leave this host at once, counted on the host itself (one
+        flock per slot in O(budget_dir)), whatever the controller does. A migration that finds every slot taken
+        waits for one, up to O(wait_timeout), before it asks anything of QEMU, and says which migrations hold them.
+      - V(0) sets no limit.
+    type: int
+    default: 0
+  budget_dir:
+    description: The folder of the host's budget slots, shared by every migration leaving the host.
+    type: path
+    default: /run/qemu-qmp/budget
 notes:
   - O(wait_timeout) is how long the whole migration (copies included) may take, 3600 seconds unless set.
   - The run holds the source's QMP socket for its whole length; give tools a second C(-qmp) socket.
@@ -211,6 +223,10 @@ status:
   description: The migration's final status (C(completed)).
   returned: O(state=migrated)
   type: str
+budget_wait:
+  description: Seconds the migration waited for a slot of the host's budget (see O(host_budget)).
+  returned: O(state=migrated)
+  type: float
 downtime_ms:
   description: The guest's pause as QEMU measured it.
   returned: O(state=migrated)
@@ -258,6 +274,7 @@ qmp_commands:
 
 from ansible_collections.qemu.qmp.plugins.module_utils import detached_run
 from ansible_collections.qemu.qmp.plugins.module_utils.detached_run import failure, finish
+from ansible_collections.qemu.qmp.plugins.module_utils.host_budget import DEFAULT_DIR as DEFAULT_BUDGET_DIR, HostBudget
 from ansible_collections.qemu.qmp.plugins.module_utils.migration_engine import (
     CONVERGE_POLICIES, Incoming, Outgoing, capabilities_for, split_tcp_uri)
 from ansible_collections.qemu.qmp.plugins.module_utils.qmp_client import QMPError
@@ -286,6 +303,8 @@ def main():
             copy_speed=dict(type="int", default=0),
             poll_interval=dict(type="float", default=2),
             controller_timeout=dict(type="float", default=60),
+            host_budget=dict(type="int", default=0),
+            budget_dir=dict(type="path", default=DEFAULT_BUDGET_DIR),
         ),
         required_if=[("state", "listening", ["uri"]), ("state", "migrated", ["uri"])],
     )
@@ -296,6 +315,8 @@ def main():
     for option in ("downtime_limit", "downtime_ceiling", "downtime_steps", "converge_after_passes", "copy_speed"):
         if params[option] < 0:
             qm.fail("%s must not be negative, not %d" % (option, params[option]))
+    if params["host_budget"] < 0:
+        qm.fail("host_budget must be 0 (no limit) or more, not %d" % params["host_budget"])
     if params["copies"] and params["state"] != "closed" and not params["nbd_address"]:
         qm.fail("copies need nbd_address: where the destination serves them")
     if "*" in params["export_prefix"] and (params["state"] != "closed" or not params["export_prefix"].endswith("*")):
@@ -343,8 +364,11 @@ def main():
 
     def run(reporter):
         try:
-            qm.open_connection()
-            return Outgoing(qm, settings, reporter).run()
+            # The host's budget of outgoing migrations is taken before QEMU is asked for anything.
+            with HostBudget(params["budget_dir"], "migration", params["host_budget"], settings["timeout"], reporter,
+                            "migration of %s to %s" % (qm.params.get("socket") or "the VM", params["uri"])) as budget:
+                qm.open_connection()
+                return dict(Outgoing(qm, settings, reporter).run(), budget_wait=budget.waited)
         except QMPError as exc:
             return failure(exc, {"qmp_commands": qm.commands})
         finally:
